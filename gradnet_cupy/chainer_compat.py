@@ -1,0 +1,90 @@
+"""The only module that imports Chainer.
+
+Chainer 7.8.1 (its last release) predates NumPy 2 and Python 3.12. At import
+time it touches three things that may be gone:
+
+* ``np.sctypes`` (removed in NumPy 2.0), used by ``chainer.functions``;
+* ``numpy.distutils`` (absent on NumPy 2 with Python >= 3.12), used by
+  Chainer's start-up environment check (only on macOS);
+* ``pkg_resources`` (absent without setuptools, and from setuptools 81),
+  used by the same check to warn about optional dependency versions.
+
+:func:`_install_shims` puts minimal stand-ins in place, and only where the
+real thing is missing, before ``chainer`` is imported. Every other module of
+gradnet_cupy imports Chainer from here::
+
+    from gradnet_cupy.chainer_compat import chainer, F, L
+"""
+import sys
+import types
+
+import numpy as np
+
+
+def _sctypes():
+    return {
+        'int': [np.int8, np.int16, np.int32, np.int64],
+        'uint': [np.uint8, np.uint16, np.uint32, np.uint64],
+        'float': [np.float16, np.float32, np.float64],
+        'complex': [np.complex64, np.complex128],
+        'others': [bool, object, bytes, str, np.void],
+    }
+
+
+def _stub_numpy_distutils():
+    distutils = types.ModuleType('numpy.distutils')
+    system_info = types.ModuleType('numpy.distutils.system_info')
+    system_info.get_info = lambda name, notfound_action=0: {}
+    distutils.system_info = system_info
+    return distutils, system_info
+
+
+def _stub_pkg_resources():
+    """Enough of pkg_resources for Chainer's optional-dependency check.
+
+    ``require`` reports every optional dependency as not installed, which only
+    skips Chainer's version-mismatch warnings.
+    """
+    module = types.ModuleType('pkg_resources')
+
+    class ResolutionError(Exception):
+        pass
+
+    class DistributionNotFound(ResolutionError):
+        pass
+
+    class VersionConflict(ResolutionError):
+        pass
+
+    def require(requirement):
+        raise DistributionNotFound(requirement)
+
+    module.ResolutionError = ResolutionError
+    module.DistributionNotFound = DistributionNotFound
+    module.VersionConflict = VersionConflict
+    module.require = require
+    return module
+
+
+def _install_shims():
+    if 'sctypes' not in np.__dict__:
+        np.sctypes = _sctypes()
+    try:
+        import numpy.distutils.system_info  # noqa: F401
+    except ImportError:
+        distutils, system_info = _stub_numpy_distutils()
+        sys.modules['numpy.distutils'] = distutils
+        sys.modules['numpy.distutils.system_info'] = system_info
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        sys.modules['pkg_resources'] = _stub_pkg_resources()
+
+
+_install_shims()
+
+import chainer  # noqa: E402
+import chainer.functions as F  # noqa: E402
+import chainer.links as L  # noqa: E402
+
+__all__ = ['chainer', 'F', 'L']

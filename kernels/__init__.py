@@ -1,0 +1,6 @@
+"""CUDA kernels with NumPy references, installed as ``gradnet_cupy.kernels``.
+
+Each public function accepts NumPy or CuPy arrays: CuPy input runs the CUDA
+kernel (source in this package's ``*.cu`` files), NumPy input runs the NumPy
+reference, which is the kernel's executable specification.
+"""

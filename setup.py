@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name='gradnet-cupy',
+    version='0.1.0',
+    description=('Tangent-space learning on Chainer/CuPy: per-sample gradient '
+                 'features, GPU sparsification kernels and GradNet.'),
+    long_description=open('README.rst').read(),
+    long_description_content_type='text/x-rst',
+    python_requires='>=3.9',
+    packages=['gradnet_cupy', 'gradnet_cupy.kernels'],
+    package_dir={'gradnet_cupy.kernels': 'kernels'},
+    package_data={'gradnet_cupy.kernels': ['*.cu', '*.cuh', '*.h']},
+    install_requires=[
+        'chainer==7.8.1',
+        'numpy>=1.26',
+        'scipy',
+        'h5py',
+        'click>=8',
+        'tqdm',
+        'mlxtend',
+        'matplotlib',
+    ],
+    extras_require={
+        'gpu': ['cupy-cuda12x'],
+        'test': ['pytest', 'hypothesis'],
+    },
+    entry_points={'console_scripts': ['gradnet-cupy = gradnet_cupy.cli:main']},
+)
