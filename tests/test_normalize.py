@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import scipy.sparse
+
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels import CSR
+from gradnet_cupy.normalize import ColumnStats, METHODS, Normalizer
+
+BLOCKS = [6, 10, 4]
+
+
+def make_csr(rng, rows, cols=20, density=0.4):
+    m = scipy.sparse.random(rows, cols, density=density, format='csr',
+                            random_state=np.random.RandomState(
+                                rng.integers(1 << 30)), dtype=np.float32)
+    m.data = rng.normal(size=m.nnz).astype(np.float32) * 3
+    m.sort_indices()
+    return CSR(m.indptr.astype(np.int64), m.indices.astype(np.int32),
+               m.data, m.shape)
+
+
+def masked_column_oracle(dense):
+    """Per-column stats of nonzeros, computed with a dense masked array."""
+    masked = np.ma.masked_equal(dense.astype(np.float64), 0.0)
+    return masked
+
+
+def test_column_stats_match_masked_oracle(rng):
+    a, b = make_csr(rng, 15), make_csr(rng, 9)
+    stats = ColumnStats(20).add(a).add(b).as_dict()
+    dense = np.vstack([a.to_scipy().toarray(), b.to_scipy().toarray()])
+    m = masked_column_oracle(dense)
+    np.testing.assert_array_equal(stats['count'], m.count(axis=0))
+    seen = m.count(axis=0) > 0
+    np.testing.assert_allclose(stats['min'][seen], m.min(axis=0)[seen])
+    np.testing.assert_allclose(stats['max'][seen], m.max(axis=0)[seen])
+    np.testing.assert_allclose(stats['sum'], m.sum(axis=0).filled(0))
+    np.testing.assert_allclose(stats['sumsq'],
+                               (m ** 2).sum(axis=0).filled(0))
+
+
+def expected_dense(method, train, x, power=0.5):
+    """Independent dense oracle of each method over the nonzero mask."""
+    m = masked_column_oracle(train)
+    mask = x != 0
+    x = x.astype(np.float64)
+    seen = (m.count(axis=0) > 0)
+    if method in ('scale', 'scale_power'):
+        low = m.min(axis=0).filled(0)
+        span = (m.max(axis=0) - m.min(axis=0)).filled(0)
+        span = np.where(seen & (span > 0), span, 1)
+        y = (x - np.where(seen, low, 0)) / span
+    elif method in ('standard', 'standard_l2'):
+        mean = m.mean(axis=0).filled(0)
+        std = m.std(axis=0).filled(0)
+        y = (x - np.where(seen, mean, 0)) / np.where(seen & (std > 0), std, 1)
+    else:
+        y = x.copy()
+    if method == 'scale_power':
+        power = 0.5
+    if method in ('power', 'scale_power'):
+        y = np.sign(y) * np.abs(y) ** power
+    if method == 'standard_l2':
+        start = 0
+        for size in BLOCKS:
+            part = np.where(mask[:, start:start + size],
+                            y[:, start:start + size], 0)
+            norm = np.sqrt((part ** 2).sum(axis=1, keepdims=True))
+            y[:, start:start + size] = part / np.where(norm == 0, 1, norm)
+            start += size
+    return np.where(mask, y, 0)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_methods_match_dense_oracle(rng, method):
+    train, test = make_csr(rng, 30), make_csr(rng, 8)
+    stats = ColumnStats(20).add(train).as_dict()
+    norm = Normalizer.fit(method, stats, BLOCKS, power=0.25)
+    out = norm(test)
+    assert out.data.dtype == np.float32
+    np.testing.assert_array_equal(out.indices, test.indices)
+    np.testing.assert_array_equal(out.indptr, test.indptr)
+    dense_out = np.zeros(test.shape)
+    for r in range(test.shape[0]):
+        lo, hi = test.indptr[r], test.indptr[r + 1]
+        dense_out[r, test.indices[lo:hi]] = out.data[lo:hi]
+    want = expected_dense(method, train.to_scipy().toarray(),
+                          test.to_scipy().toarray(), power=0.25)
+    np.testing.assert_allclose(dense_out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_come_from_training_data_only(rng):
+    train, test = make_csr(rng, 30), make_csr(rng, 8)
+    on_train = Normalizer.fit('scale', ColumnStats(20).add(train).as_dict(),
+                              BLOCKS)
+    on_test = Normalizer.fit('scale', ColumnStats(20).add(test).as_dict(),
+                             BLOCKS)
+    assert not np.allclose(on_train(test).data, on_test(test).data)
+
+
+def test_state_round_trip(tmp_path, rng):
+    train, test = make_csr(rng, 30), make_csr(rng, 8)
+    norm = Normalizer.fit('standard_l2', ColumnStats(20).add(train).as_dict(),
+                          BLOCKS)
+    np.savez(tmp_path / 'n.npz', **norm.state())
+    loaded = Normalizer.from_state(np.load(tmp_path / 'n.npz'))
+    assert loaded.method == 'standard_l2'
+    np.testing.assert_array_equal(loaded(test).data, norm(test).data)
+
+
+def test_bad_arguments_are_named(rng):
+    stats = ColumnStats(20).add(make_csr(rng, 5)).as_dict()
+    with pytest.raises(GradnetError, match='unknown normalization'):
+        Normalizer.fit('zscore', stats, BLOCKS)
+    with pytest.raises(GradnetError, match='power'):
+        Normalizer.fit('power', stats, BLOCKS, power=-1)
+    with pytest.raises(GradnetError, match='block sizes'):
+        Normalizer.fit('scale', stats, [5, 5])
+    with pytest.raises(GradnetError, match='columns'):
+        ColumnStats(21).add(make_csr(rng, 3))
