@@ -15,7 +15,7 @@ outputs summed over all candidate rows of a sample
 """
 import numpy as np
 
-from gradnet_cupy.backend import get_array_module
+from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
 
@@ -195,3 +195,66 @@ def predict_from_candidates(outputs, sample):
     summed = xp.zeros((samples.shape[0], outputs.shape[1]), dtype=outputs.dtype)
     xp.add.at(summed, row_group.ravel(), outputs)
     return samples.astype(np.int64), summed.argmax(axis=1).astype(np.int64)
+
+
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
+
+
+def make_optimizer(model, name='sgd', lr=0.01, momentum=0.9,
+                   weight_decay=0.0):
+    """A Chainer optimizer set up on ``model`` (the original: plain SGD,
+    lr 0.01)."""
+    if name == 'sgd':
+        optimizer = chainer.optimizers.SGD(lr=lr)
+    elif name == 'momentum':
+        optimizer = chainer.optimizers.MomentumSGD(lr=lr, momentum=momentum)
+    elif name == 'adam':
+        optimizer = chainer.optimizers.Adam(alpha=lr)
+    else:
+        raise GradnetError(f"unknown optimizer {name!r}: choose one of "
+                           f"{', '.join(OPTIMIZERS)}")
+    optimizer.setup(model)
+    if weight_decay:
+        optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(weight_decay))
+    return optimizer
+
+
+def train_step(model, optimizer, csr, target):
+    """One update on a CSR batch with true-label cross-entropy; returns the
+    batch loss (float). ``target``: (rows,) int32 in the batch's module."""
+    with chainer.using_config('train', True):
+        loss = F.softmax_cross_entropy(model(csr), target)
+    model.cleargrads()
+    loss.backward()
+    optimizer.update()
+    return float(loss.array)
+
+
+def candidate_outputs(model, csr):
+    """Raw outputs (rows x n_classes) in inference mode, no graph kept."""
+    with chainer.using_config('train', False), \
+            chainer.using_config('enable_backprop', False):
+        return model(csr).array
+
+
+def evaluate(model, batches, normalizer=None):
+    """Accuracy of the all-candidates prediction rule over ``batches``.
+
+    ``batches`` yields ``(csr, sample, target)`` with every candidate row of
+    each sample somewhere in the stream. Returns ``(accuracy, samples,
+    predicted, true)`` with NumPy arrays, one entry per sample.
+    """
+    outputs, samples, targets = [], [], []
+    for csr, sample, target in batches:
+        if normalizer is not None:
+            csr = normalizer(csr)
+        outputs.append(to_numpy(candidate_outputs(model, csr)))
+        samples.append(to_numpy(sample))
+        targets.append(to_numpy(target))
+    if not outputs:
+        raise GradnetError('nothing to evaluate: the test data has no rows')
+    sample = np.concatenate(samples)
+    ids, predicted = predict_from_candidates(np.concatenate(outputs), sample)
+    truth = np.zeros(ids.shape[0], dtype=np.int64)
+    truth[np.searchsorted(ids, sample)] = np.concatenate(targets)
+    return float(np.mean(predicted == truth)), ids, predicted, truth

@@ -130,3 +130,60 @@ def test_prediction_sums_raw_outputs_over_candidates():
     samples, predicted = predict_from_candidates(outputs, sample)
     assert samples.tolist() == [2, 7]
     assert predicted.tolist() == [0, 1]
+
+
+def synthetic_candidates(rng, n_samples, n_classes=3, cols_per_block=(12, 20)):
+    """A tiny problem in the tangent features' shape: one row per
+    (sample, candidate); the true class shows as a sparse signature whose
+    sign flips when the candidate is the true class, plus sparse noise."""
+    n_cols = sum(cols_per_block)
+    signatures = rng.normal(size=(n_classes, n_cols)) * (
+        rng.random((n_classes, n_cols)) < 0.3)
+    rows, sample, candidate, target = [], [], [], []
+    labels = rng.integers(0, n_classes, size=n_samples)
+    for i, y in enumerate(labels):
+        for c in range(n_classes):
+            noise = rng.normal(size=n_cols) * (rng.random(n_cols) < 0.2)
+            sign = -1.0 if c == y else 1.0
+            rows.append(sign * signatures[y] + noise)
+            sample.append(i)
+            candidate.append(c)
+            target.append(y)
+    m = scipy.sparse.csr_matrix(np.array(rows, dtype=np.float32))
+    m.sort_indices()
+    csr = CSR(m.indptr.astype(np.int64), m.indices.astype(np.int32),
+              m.data, m.shape)
+    return csr, np.array(sample), np.array(candidate), np.array(
+        target, dtype=np.int32)
+
+
+def rows_of(csr, index):
+    m = csr.to_scipy()[index]
+    return CSR(m.indptr.astype(np.int64), m.indices.astype(np.int32),
+               m.data.astype(np.float32), m.shape)
+
+
+def test_gradnet_learns_a_synthetic_problem(rng):
+    from gradnet_cupy.gradnet import evaluate, make_optimizer, train_step
+    features, sample, cand, target = synthetic_candidates(rng, 400)
+    train_rows = np.flatnonzero(sample < 300)
+    test_rows = np.flatnonzero(sample >= 300)
+    train, train_cand, train_y = (rows_of(features, train_rows),
+                                  cand[train_rows], target[train_rows])
+    test, test_sample, test_y = (rows_of(features, test_rows),
+                                 sample[test_rows], target[test_rows])
+    model = GradNet([12, 20], [8, 8], 3)
+    optimizer = make_optimizer(model, 'sgd', lr=0.05)
+    # random candidate per sample, like the paper's training data
+    pick = np.flatnonzero(train_cand == rng.integers(0, 3, size=train_cand.size))
+    before, *_ = evaluate(model, [(test, test_sample, test_y)])
+    for epoch in range(30):
+        order = rng.permutation(pick)
+        for start in range(0, order.size, 25):
+            idx = order[start:start + 25]
+            train_step(model, optimizer, rows_of(train, idx), train_y[idx])
+    accuracy, samples, predicted, truth = evaluate(
+        model, [(test, test_sample, test_y)])
+    assert samples.tolist() == list(range(300, 400))
+    assert accuracy == pytest.approx(np.mean(predicted == truth))
+    assert accuracy > 0.8, (before, accuracy)
