@@ -21,6 +21,10 @@ from gradnet_cupy.models import MODELS
 from gradnet_cupy.train_base import OPTIMIZERS, train_base
 
 
+# click >= 8.2 raises this for a bare group call; older click exits itself.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, 'NoArgsIsHelpError', ())
+
+
 class Group(click.Group):
     """A click group that reports errors as one line ``error: ...``."""
 
@@ -31,6 +35,9 @@ class Group(click.Group):
                                   standalone_mode=False, **extra)
         except GradnetError as e:
             _fail(str(e), 1)
+        except _NO_ARGS_IS_HELP as e:      # bare ``gradnet-cupy``: the help
+            e.show()
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             _fail(f'{e.format_message()} (see --help)', e.exit_code)
         except click.ClickException as e:
@@ -121,7 +128,7 @@ def train_base_command(dataset, data_dir, model, subset, device, seed,
 
 
 @main.command()
-@click.option('--epochs', type=int, default=3, show_default=True)
+@click.option('--epochs', type=int, default=2, show_default=True)
 @click.option('--out', default=None, type=click.Path(file_okay=False),
               help='Keep the snapshots here (default: a temporary folder).')
 @common_options

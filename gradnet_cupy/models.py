@@ -165,6 +165,23 @@ def get_link(model, path):
     return link
 
 
+def to_device(model, device):
+    """Move ``model`` to 'cpu' or 'gpu' (CuPy device 0) in place; return it.
+
+    Raises :class:`GradnetError` when Chainer cannot use CuPy (CuPy or one
+    of the CUDA libraries it loads is missing).
+    """
+    if device == 'gpu':
+        cuda = chainer.backends.cuda
+        if not cuda.available:
+            raise GradnetError('Chainer cannot use CuPy: '
+                               f"{getattr(cuda, '_resolution_error', None)}")
+        model.to_device('@cupy:0')
+    else:
+        model.to_cpu()
+    return model
+
+
 MODELS = {'cnn': CNN, 'mlp': MLP, 'resnet': ResNet}
 
 

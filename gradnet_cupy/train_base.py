@@ -27,7 +27,7 @@ from tqdm import tqdm
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.models import build_model
+from gradnet_cupy.models import build_model, to_device
 
 OPTIMIZERS = ('sgd', 'momentum')
 CONFIG_FILE = 'base.json'
@@ -60,9 +60,8 @@ def train_base(dataset, model_name, out, epochs=10, batch=32, lr=0.01,
     _check_settings(epochs, batch, lr, momentum, weight_decay, optimizer,
                     stop_at_accuracy)
     _prepare_out(out, overwrite)
-    model = build_model(model_name, dataset.in_shape, dataset.n_classes, seed)
-    if device == 'gpu':
-        model.to_device('@cupy:0')
+    model = to_device(build_model(model_name, dataset.in_shape,
+                                  dataset.n_classes, seed), device)
     opt = (chainer.optimizers.SGD(lr=lr) if optimizer == 'sgd' else
            chainer.optimizers.MomentumSGD(lr=lr, momentum=momentum))
     opt.setup(model)
@@ -274,6 +273,4 @@ def load_base(out, epoch=None, device='cpu'):
     model = build_model(config['model'], config['in_shape'],
                         config['n_classes'], config['seed'])
     load_snapshot(model, record['path'])
-    if device == 'gpu':
-        model.to_device('@cupy:0')
-    return model, config, record
+    return to_device(model, device), config, record

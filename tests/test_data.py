@@ -284,6 +284,7 @@ def whiten_reference(img):
 def test_cifar_eval_transform_centre_crop_and_whitening(rng):
     x = rng.random((5, 3, 32, 32), dtype=np.float32)
     x[4] = 0.25                                    # a constant image
+    x[3] = 0.5 + 1e-4 * x[3]                       # std below 1/sqrt(N)
     out = cifar_eval_transform(x)
     assert out.shape == (5, 3, 24, 24) and out.dtype == np.float32
     for i in range(5):
@@ -291,8 +292,9 @@ def test_cifar_eval_transform_centre_crop_and_whitening(rng):
             out[i], whiten_reference(x[i, :, 4:28, 4:28]), atol=1e-5)
     np.testing.assert_array_equal(out, cifar_eval_transform(x.copy()))
     assert np.all(out[4] == 0)
+    assert out[3].std() < 0.1                      # divided by 1/sqrt(N)
     assert np.allclose(out[:4].mean(axis=(1, 2, 3)), 0, atol=1e-5)
-    assert np.allclose(out[:4].std(axis=(1, 2, 3)), 1, atol=1e-4)
+    assert np.allclose(out[:3].std(axis=(1, 2, 3)), 1, atol=1e-4)
 
 
 def test_cifar_train_transform_is_a_whitened_crop_or_flip(rng):

@@ -6,7 +6,7 @@ import pytest
 
 from gradnet_cupy.chainer_compat import chainer, L
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.models import MODELS, build_model, get_link
+from gradnet_cupy.models import MODELS, build_model, get_link, to_device
 
 
 def conv_size(n, k, pad):
@@ -122,3 +122,12 @@ def test_unknown_model_names_the_choices():
 def test_bad_shapes(in_shape, classes, match):
     with pytest.raises(GradnetError, match=match):
         build_model('cnn', in_shape, classes)
+
+
+def test_to_device_without_chainer_cuda_is_a_clear_error(monkeypatch):
+    model = build_model('mlp', (1, 28, 28), 10)
+    monkeypatch.setattr(chainer.backends.cuda, 'available', False)
+    with pytest.raises(GradnetError, match='Chainer cannot use CuPy'):
+        to_device(model, 'gpu')
+    assert to_device(model, 'cpu') is model
+    assert isinstance(model.fc1.W.array, np.ndarray)
