@@ -23,9 +23,13 @@ layout=None, seed=0, weight_decay=0.0, strict=False, max_bytes=MAX_BYTES)``
     -> :class:`TangentBatch` with every row at once.
 
 ``iter_tangent_features(...same..., reuse_buffer=False)``
-    -> iterator of :class:`TangentBatch` chunks of at most ``max_bytes`` of
-    features each (whole samples; a chunk is bit-identical to the same rows
-    computed in one chunk).
+    -> iterator of :class:`TangentBatch` chunks of whole samples, sized so
+    that a chunk's features plus its main working arrays (output gradients
+    of every backward pass, recorded inputs, im2col columns) stay within
+    ``max_bytes`` (at least one sample per chunk; Chainer's own temporaries
+    come on top). Chunks hold the same rows and metadata as one big chunk;
+    the values agree to rounding (Chainer's forward pass itself is not
+    bit-identical across batch sizes: BLAS blocking).
 
 ``logit_jacobian(model, x, *, layout=None, strict=False, max_bytes=MAX_BYTES)``
     -> array (n, C, n_params): row ``[i, k]`` is d z_ik / d theta.
@@ -38,6 +42,10 @@ Candidates (``candidates=``): ``'true'`` (the label, needs ``labels``),
 ``np.random.default_rng(seed)`` or a given ``np.random.Generator``),
 ``'all'`` (C rows per sample, sample-major: row ``i*C + c`` is sample ``i``
 with candidate ``c``), or an integer array of shape (n,).
+
+Errors (GradnetError) are raised when the function is called, iterators
+included: every input is checked and the first sample is run forward once
+(to learn the number of classes) before any chunk is computed.
 
 Dtypes: features have the selected parameters' dtype (float32 for a float32
 model, float64 for a float64 one) and live in the model's array module
@@ -330,43 +338,47 @@ def _sum_to(dest, value, axes, accumulate):
 
 
 def _im2col(img, ksize, stride, pad, dilate, out_hw):
-    """(n, c, h, w) -> (n, c*kh*kw, oh*ow) columns (chainer.utils.conv)."""
+    """(m, c, h, w) -> (m, c*kh*kw, oh*ow) columns (chainer.utils.conv)."""
     conv = chainer.utils.conv
     kh, kw = ksize
-    n, c = img.shape[:2]
+    m, c = img.shape[:2]
     args = (img, kh, kw, stride[0], stride[1], pad[0], pad[1])
-    kw_ = dict(dy=dilate[0], dx=dilate[1], out_h=out_hw[0], out_w=out_hw[1])
+    options = dict(dy=dilate[0], dx=dilate[1], out_h=out_hw[0],
+                   out_w=out_hw[1])
     if get_array_module(img) is np:
-        col = conv.im2col_cpu(*args, **kw_)
+        col = conv.im2col_cpu(*args, **options)
     else:
-        col = conv.im2col_gpu(*args, **kw_)
-    return col.reshape(n, c * kh * kw, out_hw[0] * out_hw[1])
+        col = conv.im2col_gpu(*args, **options)
+    return col.reshape(m, c * kh * kw, out_hw[0] * out_hw[1])
 
 
 def _grouped_wgrad(a, col, groups, dest, accumulate):
-    """Per-sample, per-group ``a @ col^T``.
+    """Per-sample, per-pass, per-group ``a @ col^T``: the weight gradient of
+    a grouped convolution.
 
-    a: (n, G*A, L), col: (n, G*B, L) -> dest (n, G*A, B) viewed as
-    (n, G, A, B): the weight gradient of a grouped convolution.
+    a: (n, Ra, G*A, L), col: (n, Rc, G*B, L), with Ra, Rc each 1 or the
+    number of passes R (broadcast) -> dest (n, R, G*A, B), seen as
+    (n, R, G, A, B).
     """
-    n, ga, length = a.shape
-    gb = col.shape[1]
-    a = a.reshape(n, groups, ga // groups, length)
-    colT = col.reshape(n, groups, gb // groups, length).transpose(0, 1, 3, 2)
-    d = dest.reshape(n, groups, ga // groups, gb // groups)
+    n, ra, ga, length = a.shape
+    rc, gb = col.shape[1:3]
+    a = a.reshape(n, ra, groups, ga // groups, length)
+    colT = col.reshape(n, rc, groups, gb // groups, length).swapaxes(3, 4)
+    d = dest.reshape(dest.shape[:2] + (groups, ga // groups, gb // groups))
     xp = get_array_module(a)
     _write(d, lambda out: xp.matmul(a, colT, out=out), accumulate)
 
 
 class _Rule:
-    """Per-sample gradients of one link type.
+    """Per-sample gradients of one link type, for R backward passes at once.
 
     ``params``: the parameter names the rule computes, in block order.
     ``unsupported(link, call, n)``: a reason string when this call cannot be
     batched, else None. ``prepare(link, call)``: what depends only on the
-    forward pass (reused over backward passes). ``write(link, call, cache,
-    gy, dests, accumulate)``: per-sample gradients of the call into
-    ``dests[name]`` of shape (n,) + param.shape.
+    forward pass. ``work(link, call)``: elements of that per sample.
+    ``write(link, call, cache, gy, dests, accumulate)``: from the output
+    gradients ``gy`` (n, R) + out.shape[1:] of the R passes, the per-sample
+    gradients into ``dests[name]`` of shape (n, R) + param.shape.
     """
     params = ('W', 'b')
 
@@ -380,28 +392,26 @@ class _Rule:
     def prepare(self, link, call):
         return None
 
+    def work(self, link, call):
+        return 0
+
 
 class _LinearRule(_Rule):
-    def _batch_axes(self, call):
-        if call.args:
-            return call.args[0]
-        return call.kwargs.get('n_batch_axes', 1)
-
     def write(self, link, call, cache, gy, dests, accumulate):
-        n = gy.shape[0]
+        n, n_passes = gy.shape[:2]
         out_size, in_size = link.W.shape
-        x = call.x.reshape(n, -1, in_size)
-        gy = gy.reshape(n, -1, out_size)
+        x = call.x.reshape(n, 1, -1, in_size)          # (n, 1, M, in)
+        gy = gy.reshape(n, n_passes, -1, out_size)    # (n, R, M, out)
         xp = get_array_module(gy)
-        if x.shape[1] == 1:
+        if x.shape[2] == 1:
             compute = lambda out: xp.multiply(  # noqa: E731
-                gy[:, 0, :, None], x[:, 0, None, :], out=out)
+                gy[:, :, 0, :, None], x[:, :, 0, None, :], out=out)
         else:
             compute = lambda out: xp.matmul(  # noqa: E731
-                gy.transpose(0, 2, 1), x, out=out)
+                gy.swapaxes(2, 3), x, out=out)
         _write(dests['W'], compute, accumulate)
         if 'b' in dests:
-            _sum_to(dests['b'], gy, 1, accumulate)
+            _sum_to(dests['b'], gy, 2, accumulate)
 
 
 class _ConvolutionRule(_Rule):
@@ -412,28 +422,38 @@ class _ConvolutionRule(_Rule):
 
     def prepare(self, link, call):
         _, _, kh, kw = link.W.shape
-        return _im2col(call.x, (kh, kw), link.stride, link.pad, link.dilate,
-                       call.out.shape[2:])
+        col = _im2col(call.x, (kh, kw), link.stride, link.pad, link.dilate,
+                      call.out.shape[2:])
+        return col[:, None]
+
+    def work(self, link, call):
+        _, _, kh, kw = link.W.shape
+        return call.x.shape[1] * kh * kw * int(np.prod(call.out.shape[2:]))
 
     def write(self, link, call, cache, gy, dests, accumulate):
-        n, c_out = gy.shape[:2]
-        _grouped_wgrad(gy.reshape(n, c_out, -1), cache, link.groups,
-                       dests['W'], accumulate)
+        n, n_passes, c_out = gy.shape[:3]
+        _grouped_wgrad(gy.reshape(n, n_passes, c_out, -1), cache,
+                       link.groups, dests['W'], accumulate)
         if 'b' in dests:
-            _sum_to(dests['b'], gy, (2, 3), accumulate)
+            _sum_to(dests['b'], gy, (3, 4), accumulate)
 
 
 class _DeconvolutionRule(_Rule):
+    def work(self, link, call):
+        _, _, kh, kw = link.W.shape
+        return call.out.shape[1] * kh * kw * int(np.prod(call.x.shape[2:]))
+
     def write(self, link, call, cache, gy, dests, accumulate):
         _, _, kh, kw = link.W.shape
         x = call.x
-        n, c_in = x.shape[:2]
-        col = _im2col(gy, (kh, kw), link.stride, link.pad, link.dilate,
-                      x.shape[2:])
-        _grouped_wgrad(x.reshape(n, c_in, -1), col, link.groups,
-                       dests['W'], accumulate)
+        n, n_passes = gy.shape[:2]
+        col = _im2col(gy.reshape((n * n_passes,) + gy.shape[2:]), (kh, kw),
+                      link.stride, link.pad, link.dilate, x.shape[2:])
+        _grouped_wgrad(x.reshape(n, 1, x.shape[1], -1),
+                       col.reshape((n, n_passes) + col.shape[1:]),
+                       link.groups, dests['W'], accumulate)
         if 'b' in dests:
-            _sum_to(dests['b'], gy, (2, 3), accumulate)
+            _sum_to(dests['b'], gy, (3, 4), accumulate)
 
 
 class _BatchNormalizationRule(_Rule):
@@ -451,13 +471,18 @@ class _BatchNormalizationRule(_Rule):
         return super().unsupported(link, call, n)
 
     def prepare(self, link, call):
+        """x_hat (n, 1, ...) and the per-sample axes of gy (n, R, ...)."""
         x = call.x
         axes = self._axes(link, x)
         shape = [1 if i in axes else s for i, s in enumerate(x.shape)]
         xp = get_array_module(x)
         mean = link.avg_mean.reshape(shape)
         inv_std = 1 / xp.sqrt(link.avg_var.reshape(shape) + link.eps)
-        return (x - mean) * inv_std, axes[1:]
+        x_hat = ((x - mean) * inv_std)[:, None]
+        return x_hat, tuple(a + 1 for a in axes[1:])
+
+    def work(self, link, call):
+        return call.x[0].size
 
     def write(self, link, call, cache, gy, dests, accumulate):
         x_hat, axes = cache
@@ -471,17 +496,22 @@ class _EmbedIDRule(_Rule):
     params = ('W',)
 
     def write(self, link, call, cache, gy, dests, accumulate):
-        n = gy.shape[0]
+        n, n_passes = gy.shape[:2]
         xp = get_array_module(gy)
-        ids = call.x.reshape(n, -1)
-        gy = gy.reshape(n, ids.shape[1], -1)
-        rows = xp.broadcast_to(xp.arange(n)[:, None], ids.shape)
+        ids = xp.broadcast_to(call.x.reshape(n, 1, -1),
+                              (n, n_passes, call.x[0].size))
+        gy = gy.reshape(ids.shape + (-1,))
+        sample, rep = xp.meshgrid(xp.arange(n), xp.arange(n_passes),
+                                  indexing='ij')
+        shape = ids.shape
+        sample = xp.broadcast_to(sample[:, :, None], shape)
+        rep = xp.broadcast_to(rep[:, :, None], shape)
         keep = ids != link.ignore_label if link.ignore_label is not None \
-            else xp.ones(ids.shape, dtype=bool)
+            else xp.ones(shape, dtype=bool)
         dest = dests['W']
         if not accumulate:
             dest[...] = 0
-        index = (rows[keep], ids[keep])
+        index = (sample[keep], rep[keep], ids[keep])
         if xp is np:
             np.add.at(dest, index, gy[keep])
         else:
@@ -584,12 +614,9 @@ def _one_hot(xp, labels, n_classes, dtype):
 
 
 class _Extraction:
-    """Everything fixed for one extraction call: model, slots, row scheme.
-
-    ``seed_of(r, z, start)`` returns the logit gradient (n, C) of pass ``r``
-    for the chunk starting at sample ``start``; ``n_passes`` is the number of
-    rows per sample.
-    """
+    """One extraction call: the model, its resolved layout slots, the
+    options, and the per-chunk work (forward, backward passes, rules,
+    fallback, weight decay)."""
 
     def __init__(self, model, layout, strict, weight_decay):
         self.model = model
@@ -654,47 +681,45 @@ class _Extraction:
             fallback.append(slot)
         return batched, fallback
 
-    def _dests(self, out, n_passes, r, slot):
-        """{name: view (n,) + shape} of pass r's rows for the slot."""
-        n = out.shape[0] // n_passes
-        rows = out.reshape(n, n_passes, -1)[:, r]
-        return {e.name: rows[:, e.offset:e.offset + e.size].reshape(
-            (n,) + e.shape) for e in slot.entries}
+    def _dests(self, out, n_passes, slot):
+        """{name: view (n, n_passes) + shape} of the slot's columns."""
+        rows = out.reshape(out.shape[0] // n_passes, n_passes, -1)
+        return {e.name: rows[:, :, e.offset:e.offset + e.size].reshape(
+            rows.shape[:2] + e.shape) for e in slot.entries}
 
     def run_chunk(self, x, z, calls, seeds, out):
         """Fill ``out`` (n * n_passes, n_params) for the chunk ``x``.
 
         ``z``, ``calls``: its recorded forward; ``seeds``: list of logit
-        gradients (n, C), one per pass; row ``i * n_passes + r`` is sample
-        ``i`` under ``seeds[r]``.
+        gradients (n, C), one per backward pass; row ``i * n_passes + r`` is
+        sample ``i`` under ``seeds[r]``.
         """
         n = len(x)
         n_passes = len(seeds)
         batched, fallback = self._split(z, calls, n)
         recorded = [(slot, call) for slot in batched
                     for call in calls[slot.path]]
-        rules = [_RULES[type(slot.link)] for slot, _ in recorded]
-        caches = [rule.prepare(slot.link, call)
-                  for rule, (slot, call) in zip(rules, recorded)]
         xp = get_array_module(out)
+        gys = [xp.empty((n, n_passes) + call.out.shape[1:], z.dtype)
+               for _, call in recorded]
         for r, seed in enumerate(seeds):
-            dests = {slot.path: self._dests(out, n_passes, r, slot)
-                     for slot in batched}
-            grads = chainer.grad(
-                [z], [call.out for _, call in recorded],
-                grad_outputs=[chainer.Variable(seed)]) if recorded else []
-            written = set()
-            for rule, (slot, call), cache, g in zip(rules, recorded, caches,
-                                                    grads):
-                gy = xp.zeros(call.out.shape, z.dtype) if g is None \
-                    else g.array
-                rule.write(slot.link, call, cache, gy, dests[slot.path],
-                           accumulate=slot.path in written)
-                written.add(slot.path)
-            for slot in batched:
-                if slot.path not in written:   # never called: gradient 0
-                    for d in dests[slot.path].values():
-                        d[...] = 0
+            if not recorded:
+                break
+            grads = chainer.grad([z], [call.out for _, call in recorded],
+                                 grad_outputs=[chainer.Variable(seed)])
+            for gy, g in zip(gys, grads):   # None: output does not reach z
+                gy[:, r] = 0 if g is None else g.array
+        written = set()
+        for (slot, call), gy in zip(recorded, gys):
+            rule = _RULES[type(slot.link)]
+            rule.write(slot.link, call, rule.prepare(slot.link, call), gy,
+                       self._dests(out, n_passes, slot),
+                       accumulate=slot.path in written)
+            written.add(slot.path)
+        for slot in batched:
+            if slot.path not in written:   # never called: gradient 0
+                for d in self._dests(out, n_passes, slot).values():
+                    d[...] = 0
         if fallback:
             self._fallback(x, seeds, fallback, out)
         if self.weight_decay:
@@ -702,6 +727,19 @@ class _Extraction:
                 for e, p in zip(slot.entries, slot.params):
                     out[:, e.offset:e.offset + e.size] += \
                         self.weight_decay * p.array.reshape(-1)
+
+    def sample_bytes(self, calls, n_passes):
+        """Estimated bytes per sample of a chunk: its feature rows, the
+        output gradients of every pass, the recorded inputs and the rules'
+        work arrays (e.g. im2col columns), from a one-sample forward."""
+        elements = n_passes * self.layout.n_params
+        for slot in self.slots:
+            rule = _RULES.get(type(slot.link))
+            for call in calls[slot.path]:
+                elements += n_passes * call.out[0].size + call.x[0].size
+                if rule is not None:
+                    elements += rule.work(slot.link, call)
+        return elements * np.dtype(self.dtype).itemsize
 
     def _fallback(self, x, seeds, slots, out):
         """Per-sample autograd loop for ``slots`` (one forward per sample,
@@ -784,14 +822,6 @@ def _check_range(values, n_classes, what):
             f'{values.max()}]')
 
 
-def _chunk_samples(max_bytes, n_rows_per_sample, n_params, itemsize):
-    if max_bytes is None:
-        return None
-    if max_bytes <= 0:
-        raise GradnetError(f'max_bytes must be positive, not {max_bytes}')
-    return max(1, int(max_bytes) // (n_rows_per_sample * n_params * itemsize))
-
-
 class _Output:
     """Where chunk rows go: 'fresh' (a new array per chunk), 'reuse' (one
     chunk-sized buffer overwritten by every chunk) or 'whole' (slices of one
@@ -859,7 +889,8 @@ def _iterate(model, x, labels, layout, strict, weight_decay, max_bytes,
     n_total = len(x)
     mode, explicit = ('all', None) if kind == 'jacobian' else \
         _candidate_plan(candidates, labels, n_total)
-    n_classes = ext.forward(x[:1])[0].shape[1]
+    z1, calls1 = ext.forward(x[:1])
+    n_classes = z1.shape[1]
     _check_range(labels, n_classes, 'labels')
     _check_range(explicit, n_classes, 'candidates')
     if mode == 'random':
@@ -867,9 +898,14 @@ def _iterate(model, x, labels, layout, strict, weight_decay, max_bytes,
             else np.random.default_rng(seed)
         explicit = rng.integers(0, n_classes, size=n_total)
     n_passes = n_classes if mode == 'all' else 1
-    per_chunk = _chunk_samples(max_bytes, n_passes, layout.n_params,
-                               np.dtype(ext.dtype).itemsize) or n_total
-    per_chunk = min(per_chunk, n_total)
+    if max_bytes is None:
+        per_chunk = n_total
+    elif max_bytes <= 0:
+        raise GradnetError(f'max_bytes must be positive, not {max_bytes}')
+    else:
+        per_chunk = min(n_total, max(1, int(max_bytes) // ext.sample_bytes(
+            calls1, n_passes)))
+    del z1, calls1
     return _chunks(ext, x, labels, explicit, kind, mode, n_passes, per_chunk,
                    output)
 
@@ -922,8 +958,8 @@ def iter_tangent_features(model, x, labels=None, candidates='random', *,
     np.random.Generator for 'random'. weight_decay: adds
     ``weight_decay * theta`` to every row's gradient of each selected
     parameter (as Chainer's WeightDecay hook would). strict: raise instead of
-    the per-sample fallback. max_bytes: features per chunk (None: one
-    chunk). reuse_buffer: yield views into one buffer overwritten by the next
+    the per-sample fallback. max_bytes: working-set budget of one chunk
+    (see the module docstring; None: one chunk). reuse_buffer: yield views into one buffer overwritten by the next
     chunk (saves fresh-memory page faults when the consumer copies or
     reduces each chunk before asking for the next).
 

@@ -378,24 +378,25 @@ def test_chunking_matches_one_chunk(mode, dtype):
     labels = np.arange(5) % 3
     layout = parameter_layout(model, include_bias=True,
                               include_batchnorm=True)
-    row_bytes = layout.n_params * x.itemsize * (3 if mode == 'all' else 1)
+    rows = 3 if mode == 'all' else 1
+    budget = 3 * rows * layout.n_params * x.itemsize
     whole = tangent_features(model, x, labels, mode, layout=layout,
                              max_bytes=None)
     chunks = list(iter_tangent_features(model, x, labels, mode,
-                                        layout=layout,
-                                        max_bytes=2 * row_bytes))
-    rows = len(whole.features) // 5
-    assert [len(c.features) for c in chunks] == [2 * rows, 2 * rows, rows]
+                                        layout=layout, max_bytes=budget))
+    assert len(chunks) >= 2
+    for c in chunks:
+        assert len(c.features) % rows == 0 and c.features.nbytes <= budget
     for got, want in zip(list(zip(*chunks))[1:], whole[1:]):
         np.testing.assert_array_equal(np.concatenate(got), want)
     chunked = np.concatenate([c.features for c in chunks])
     assert rel_err(chunked, whole.features) <= CHUNK_TOL[dtype]
     reused = iter_tangent_features(model, x, labels, mode, layout=layout,
-                                   max_bytes=2 * row_bytes, reuse_buffer=True)
+                                   max_bytes=budget, reuse_buffer=True)
     # a reused buffer gives the same values as fresh chunks, bit for bit
     np.testing.assert_array_equal(
         np.concatenate([c.features.copy() for c in reused]), chunked)
-    jac = logit_jacobian(model, x, layout=layout, max_bytes=row_bytes)
+    jac = logit_jacobian(model, x, layout=layout, max_bytes=1)
     jac_whole = logit_jacobian(model, x, layout=layout, max_bytes=None)
     assert rel_err(jac, jac_whole) <= CHUNK_TOL[dtype]
 
