@@ -18,6 +18,7 @@ setup(
         'h5py',
         'click>=8',
         'tqdm',
+        'threadpoolctl',
         'mlxtend',
         'matplotlib',
     ],

@@ -94,11 +94,14 @@ override ``forward``).
 Assumption (not checkable cheaply): in inference mode the model processes
 samples independently (true for ordinary feed-forward classifiers).
 """
+import os
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Tuple
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from gradnet_cupy.backend import get_array_module
 from gradnet_cupy.chainer_compat import chainer, L
@@ -876,13 +879,18 @@ def _seeds(kind, mode, z, candidates):
     return [p - hot for hot in hots]
 
 
-def _iterate(model, x, labels, layout, strict, weight_decay, max_bytes,
-             output, kind, candidates=None, seed=0):
+def _iterate(model, x, labels, *, kind, output, candidates='all', seed=0,
+             layout=None, weight_decay=0.0, strict=False,
+             max_bytes=MAX_BYTES, n_threads=None):
     """Shared driver of tangent features (kind 'ce') and the logit Jacobian
     (kind 'jacobian'). Checks every input and runs one forward pass of the
     first sample now (errors are raised here, not on the first chunk), then
     returns a generator of TangentBatch chunks."""
     labels = _check_inputs(model, x, labels)
+    if n_threads is None:
+        n_threads = _usable_cpus()
+    elif int(n_threads) < 1:
+        raise GradnetError(f'n_threads must be at least 1, not {n_threads}')
     if layout is None:
         layout = parameter_layout(model)
     ext = _Extraction(model, layout, strict, weight_decay)
@@ -907,25 +915,55 @@ def _iterate(model, x, labels, layout, strict, weight_decay, max_bytes,
             calls1, n_passes)))
     del z1, calls1
     return _chunks(ext, x, labels, explicit, kind, mode, n_passes, per_chunk,
-                   output)
+                   output, int(n_threads))
+
+
+def _usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        return os.cpu_count() or 1
+
+
+def _fill(ext, kind, mode, x, candidates, out):
+    """Forward, backward passes and rules for the samples ``x``."""
+    z, calls = ext.forward(x)
+    ext.run_chunk(x, z, calls, _seeds(kind, mode, z.array, candidates), out)
+
+
+def _fill_threaded(ext, kind, mode, x, candidates, out, n_threads):
+    """:func:`_fill` over ``n_threads`` sub-batches of samples in threads,
+    BLAS limited to one thread meanwhile (NumPy only; one call otherwise).
+    NumPy and BLAS release the GIL, so the sub-batches run in parallel."""
+    n = len(x)
+    n_threads = min(n_threads, n)
+    if n_threads <= 1 or ext.model.xp is not np:
+        return _fill(ext, kind, mode, x, candidates, out)
+    rows = len(out) // n
+    bounds = np.linspace(0, n, n_threads + 1).astype(int)
+    with ThreadpoolController().limit(limits=1, user_api='blas'), \
+            ThreadPoolExecutor(n_threads) as pool:
+        futures = [pool.submit(
+            _fill, ext, kind, mode, x[a:b],
+            None if candidates is None else candidates[a:b],
+            out[a * rows:b * rows]) for a, b in zip(bounds, bounds[1:])]
+        for future in futures:
+            future.result()
 
 
 def _chunks(ext, x, labels, explicit, kind, mode, n_passes, per_chunk,
-            output):
+            output, n_threads):
     xp = ext.model.xp
     n_total = len(x)
     n_params = ext.layout.n_params
     for start in range(0, n_total, per_chunk):
         stop = min(n_total, start + per_chunk)
         n = stop - start
-        xc = x[start:stop]
-        z, calls = ext.forward(xc)
         out = output.rows(xp, ext.dtype, n_params, n_total * n_passes,
                           per_chunk * n_passes, start * n_passes,
                           n * n_passes)
         cand = None if explicit is None else explicit[start:stop]
-        ext.run_chunk(xc, z, calls, _seeds(kind, mode, z.array, cand), out)
-        del z, calls
+        _fill_threaded(ext, kind, mode, x[start:stop], cand, out, n_threads)
         sample = np.repeat(np.arange(start, stop, dtype=np.int64), n_passes)
         if mode == 'all':
             candidate = np.tile(np.arange(n_passes, dtype=np.int32), n)
@@ -947,7 +985,7 @@ def _collect(chunks, output):
 
 def iter_tangent_features(model, x, labels=None, candidates='random', *,
                           layout=None, seed=0, weight_decay=0.0,
-                          strict=False, max_bytes=MAX_BYTES,
+                          strict=False, max_bytes=MAX_BYTES, n_threads=None,
                           reuse_buffer=False):
     """Tangent features in chunks of whole samples.
 
@@ -959,45 +997,57 @@ def iter_tangent_features(model, x, labels=None, candidates='random', *,
     ``weight_decay * theta`` to every row's gradient of each selected
     parameter (as Chainer's WeightDecay hook would). strict: raise instead of
     the per-sample fallback. max_bytes: working-set budget of one chunk
-    (see the module docstring; None: one chunk). reuse_buffer: yield views into one buffer overwritten by the next
-    chunk (saves fresh-memory page faults when the consumer copies or
-    reduces each chunk before asking for the next).
+    (see the module docstring; None: one chunk). n_threads: on the CPU,
+    each chunk is split into this many sub-batches computed in parallel
+    threads with single-threaded BLAS (default: the CPUs this process may
+    use; 1: no threads; ignored for CuPy). reuse_buffer: yield views into
+    one buffer overwritten by the next chunk (saves fresh-memory page faults
+    when the consumer copies or reduces each chunk before asking for the
+    next).
 
     Yields :class:`TangentBatch` chunks; rows are sample-major.
     """
-    return _iterate(model, x, labels, layout, strict, weight_decay,
-                    max_bytes, _Output('reuse' if reuse_buffer else 'fresh'),
-                    'ce', candidates, seed)
+    return _iterate(
+        model, x, labels, kind='ce', candidates=candidates, seed=seed,
+        layout=layout, weight_decay=weight_decay, strict=strict,
+        max_bytes=max_bytes, n_threads=n_threads,
+        output=_Output('reuse' if reuse_buffer else 'fresh'))
 
 
 def tangent_features(model, x, labels=None, candidates='random', *,
                      layout=None, seed=0, weight_decay=0.0, strict=False,
-                     max_bytes=MAX_BYTES):
+                     max_bytes=MAX_BYTES, n_threads=None):
     """All tangent-feature rows of ``x`` at once (see
     :func:`iter_tangent_features` for the arguments; ``max_bytes`` bounds the
     working chunk, the result holds every row). Returns a TangentBatch with
     features (rows, n_params): N rows, or N*C for ``candidates='all'``."""
     output = _Output('whole')
-    return _collect(_iterate(model, x, labels, layout, strict, weight_decay,
-                             max_bytes, output, 'ce', candidates, seed),
-                    output)
+    return _collect(_iterate(
+        model, x, labels, kind='ce', candidates=candidates, seed=seed,
+        layout=layout, weight_decay=weight_decay, strict=strict,
+        max_bytes=max_bytes, n_threads=n_threads, output=output), output)
 
 
 def iter_logit_jacobian(model, x, labels=None, *, layout=None, strict=False,
-                        max_bytes=MAX_BYTES, reuse_buffer=False):
+                        max_bytes=MAX_BYTES, n_threads=None,
+                        reuse_buffer=False):
     """Per-sample Jacobian rows of the logits in chunks: TangentBatch rows
-    ``i*C + k`` hold d z_ik / d theta (``candidate`` = k)."""
-    return _iterate(model, x, labels, layout, strict, 0.0, max_bytes,
-                    _Output('reuse' if reuse_buffer else 'fresh'), 'jacobian')
+    ``i*C + k`` hold d z_ik / d theta (``candidate`` = k; ``target`` the
+    label or -1). Arguments as :func:`iter_tangent_features`."""
+    return _iterate(
+        model, x, labels, kind='jacobian', layout=layout, strict=strict,
+        max_bytes=max_bytes, n_threads=n_threads,
+        output=_Output('reuse' if reuse_buffer else 'fresh'))
 
 
 def logit_jacobian(model, x, *, layout=None, strict=False,
-                   max_bytes=MAX_BYTES):
+                   max_bytes=MAX_BYTES, n_threads=None):
     """d z / d theta per sample: array (N, C, n_params) in the model's array
     module, ``[i, k]`` = gradient of logit k of sample i w.r.t. the layout's
     parameters."""
     output = _Output('whole')
-    for _ in _iterate(model, x, None, layout, strict, 0.0, max_bytes, output,
-                      'jacobian'):
+    for _ in _iterate(model, x, None, kind='jacobian', layout=layout,
+                      strict=strict, max_bytes=max_bytes,
+                      n_threads=n_threads, output=output):
         pass
     return output.whole.reshape(len(x), -1, output.whole.shape[1])

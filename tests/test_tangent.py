@@ -401,6 +401,18 @@ def test_chunking_matches_one_chunk(mode, dtype):
     assert rel_err(jac, jac_whole) <= CHUNK_TOL[dtype]
 
 
+def test_threads_split_samples_not_results():
+    """Sub-batches in threads give the rows of the unthreaded path."""
+    model, x = build(CNN, np.float64, n=5)
+    one = tangent_features(model, x, candidates='all', n_threads=1)
+    three = tangent_features(model, x, candidates='all', n_threads=3)
+    for a, b in zip(one[1:], three[1:]):
+        np.testing.assert_array_equal(a, b)
+    assert rel_err(three.features, one.features) <= CHUNK_TOL[np.float64]
+    with pytest.raises(GradnetError, match='n_threads must be at least 1'):
+        tangent_features(model, x, n_threads=0)
+
+
 def test_weight_decay_adds_wd_times_theta():
     model, x = build(MLP, np.float64)
     layout = parameter_layout(model, include_bias=True)
