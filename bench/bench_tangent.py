@@ -5,8 +5,10 @@ candidates, so 1280 rows of one sample and one candidate each), in one run:
 
 * rows/s of the batched path (``iter_tangent_features`` with a reused
   chunk buffer, and ``tangent_features`` returning every row in fresh
-  memory) and of the per-sample autograd loop (per row: cleargrads, forward
-  of the one sample, softmax cross-entropy, backward, copy of the W grads);
+  memory; default chunk budget and threads) and of the per-sample autograd
+  loop (per row: cleargrads, forward of the one sample, softmax
+  cross-entropy, backward, copy of the W grads; on the CPU timed with
+  default and with single-threaded BLAS, the faster is the baseline);
 * the FLOP rate the batched path reaches on its required arithmetic (the
   per-sample weight-gradient products, 2 FLOP per multiply-add) next to the
   float32 GEMM rate of NumPy/CuPy on the same machine;
@@ -19,9 +21,7 @@ Writes bench/results/tangent-<device>.json. Runs unchanged on a GPU (CuPy).
 
     python bench/bench_tangent.py [--device auto|cpu|gpu] [--loop-rows 64]
 
-The two architectures are defined here as in DESIGN §1 (cnn: Conv64 5x5 pad
-1 -> relu -> maxpool 2 -> Conv64 5x5 pad 2 -> relu -> maxpool 2 -> Linear;
-mlp: 256-128-64-32-10) because gradnet_cupy.models is not merged yet.
+The models are gradnet_cupy.models' ``cnn`` and ``mlp`` (seed 0).
 """
 import argparse
 import datetime
@@ -32,44 +32,17 @@ import re
 import time
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 import gradnet_cupy
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F, L
+from gradnet_cupy.models import build_model, to_device
 from gradnet_cupy.tangent import (
     iter_tangent_features, parameter_layout, tangent_features)
 
 N_CLASSES = 10
-
-
-class CNN(chainer.Chain):
-    def __init__(self, n_out=N_CLASSES):
-        super().__init__()
-        with self.init_scope():
-            self.conv1 = L.Convolution2D(None, 64, 5, pad=1)
-            self.conv2 = L.Convolution2D(64, 64, 5, pad=2)
-            self.fc = L.Linear(None, n_out)
-
-    def forward(self, x):
-        h = F.max_pooling_2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pooling_2d(F.relu(self.conv2(h)), 2)
-        return self.fc(h)
-
-
-class MLP(chainer.Chain):
-    def __init__(self, n_out=N_CLASSES, units=(256, 128, 64, 32)):
-        super().__init__()
-        with self.init_scope():
-            self.layers = chainer.ChainList(
-                *[L.Linear(None, u) for u in units + (n_out,)])
-
-    def forward(self, x):
-        h = x
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < len(self.layers) - 1:
-                h = F.relu(h)
-        return h
+IN_SHAPE = (1, 28, 28)
 
 
 def sync(xp):
@@ -164,7 +137,7 @@ def torch_rows(kind, model, x, layout):
     N*C (sample, candidate) rows; returns (fn, rows) or None."""
     try:
         import torch
-        from torch.func import functional_call, grad, vmap
+        from torch.func import grad, vmap
     except ImportError:
         return None
     t = torch.nn.functional
@@ -209,15 +182,10 @@ def torch_rows(kind, model, x, layout):
 
 
 def bench_model(kind, xp, batch, n_loop, repeats):
-    np.random.seed(0)
-    model = CNN() if kind == 'cnn' else MLP()
-    x_host = np.random.default_rng(0).standard_normal(
-        (batch, 1, 28, 28)).astype(np.float32)
-    with chainer.using_config('train', False):
-        model(x_host[:1])     # initializes the lazy parameters
-    if xp is not np:
-        model.to_gpu()
-    x = xp.asarray(x_host)
+    model = to_device(build_model(kind, IN_SHAPE, N_CLASSES, seed=0),
+                      'cpu' if xp is np else 'gpu')
+    x = xp.asarray(np.random.default_rng(0).standard_normal(
+        (batch,) + IN_SHAPE).astype(np.float32))
     layout = parameter_layout(model)
     rows = batch * N_CLASSES
     row_bytes = layout.n_params * 4
@@ -233,6 +201,12 @@ def bench_model(kind, xp, batch, n_loop, repeats):
     pairs = [(i, c) for i in range(batch) for c in range(N_CLASSES)][:n_loop]
     t_loop = best_time(lambda: loop_rows(model, layout, x, pairs, xp), xp,
                        max(1, repeats // 2))
+    t_loop_1 = t_loop
+    if xp is np:     # the loop may do better with single-threaded BLAS
+        with ThreadpoolController().limit(limits=1, user_api='blas'):
+            t_loop_1 = best_time(
+                lambda: loop_rows(model, layout, x, pairs, xp), xp,
+                max(1, repeats // 2))
     batched = tangent_features(model, x, candidates='all',
                                layout=layout).features
     looped = loop_rows(model, layout, x, pairs, xp)
@@ -249,8 +223,10 @@ def bench_model(kind, xp, batch, n_loop, repeats):
         'batched_rows_per_s': rows / t_reuse,
         'batched_fresh_rows_per_s': rows / t_fresh,
         'loop_rows_timed': n_loop,
-        'loop_rows_per_s': n_loop / t_loop,
-        'speedup_vs_loop': (rows / t_reuse) / (n_loop / t_loop),
+        'loop_rows_per_s_blas_default': n_loop / t_loop,
+        'loop_rows_per_s_blas_1_thread': n_loop / t_loop_1,
+        'loop_rows_per_s': n_loop / min(t_loop, t_loop_1),
+        'speedup_vs_loop': (rows / t_reuse) / (n_loop / min(t_loop, t_loop_1)),
         'batched_wgrad_flops': 2 * wgrad * rows / t_reuse,
         'batched_total_flops': 2 * (wgrad + data) * rows / t_reuse,
         'batched_bytes_per_s': row_bytes * rows / t_reuse,
@@ -313,8 +289,9 @@ def main():
             'cupy': None if xp is np else xp.__version__,
             'python': platform.python_version()},
         'cpu_count': os.cpu_count(),
+        'usable_cpus': len(os.sched_getaffinity(0)),
         'load_avg_at_start': os.getloadavg(),
-        'models': 'bench-local cnn/mlp (gradnet_cupy.models not merged)',
+        'models': 'gradnet_cupy.models cnn/mlp, seed 0, input 1x28x28',
         'candidates': 'all', 'batch': args.batch,
         'gemm_f32_flops': gemm,
         'copy_bytes_per_s_touched': copy_touched,

@@ -11,6 +11,7 @@ import pytest
 
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.models import build_model
 from gradnet_cupy.tangent import (
     ParameterLayout, TangentFallbackWarning, iter_logit_jacobian,
     iter_tangent_features, logit_jacobian, parameter_layout, tangent_features)
@@ -211,13 +212,7 @@ def build(cls, dtype, n=4, seed=0):
             x = rng.standard_normal((n,) + cls.in_shape).astype(dtype)
         with chainer.using_config('train', False):
             model(x)          # initializes lazy parameters
-    for path, link in model.namedlinks():
-        if isinstance(link, L.BatchNormalization):
-            size = link.avg_mean.shape
-            link.avg_mean[...] = rng.standard_normal(size)
-            link.avg_var[...] = rng.uniform(0.5, 2.0, size)
-            link.gamma.array[...] = rng.uniform(0.5, 1.5, size)
-            link.beta.array[...] = rng.standard_normal(size)
+    randomize_batchnorm(model, rng)
     return model, x
 
 
@@ -298,6 +293,43 @@ def test_matches_autograd(cls, mode, dtype):
     np.testing.assert_array_equal(batch.target, labels[batch.sample])
     want = oracle(model, x, zip(batch.sample, batch.candidate), layout)
     assert rel_err(batch.features, want) <= TOL[dtype]
+
+
+def randomize_batchnorm(model, rng):
+    """Non-trivial running statistics and affine parameters for every BN."""
+    for _, link in model.namedlinks():
+        if isinstance(link, L.BatchNormalization):
+            size = link.avg_mean.shape
+            link.avg_mean[...] = rng.standard_normal(size)
+            link.avg_var[...] = rng.uniform(0.5, 2.0, size)
+            link.gamma.array[...] = rng.uniform(0.5, 1.5, size)
+            link.beta.array[...] = rng.standard_normal(size)
+
+
+@pytest.mark.parametrize('arch,in_shape,mode', [
+    ('mlp', (1, 28, 28), 'all'),
+    ('cnn', (1, 28, 28), 'all'),
+    ('cnn', (3, 24, 24), 'random'),
+    ('resnet', (3, 12, 12), 'all'),
+])
+def test_package_models_match_autograd(arch, in_shape, mode):
+    """gradnet_cupy.models (float32) with the default paper layout, and the
+    residual network with its biases-free convs plus BatchNormalization."""
+    rng = np.random.default_rng(7)
+    model = build_model(arch, in_shape, 4, seed=1)
+    randomize_batchnorm(model, rng)
+    x = rng.standard_normal((3,) + in_shape).astype(np.float32)
+    layout = parameter_layout(model, include_bias=True,
+                              include_batchnorm=True)
+    # the weight layers in the models' own forward order
+    assert parameter_layout(model).block_paths == \
+        tuple('/' + n for n in model.layer_names)
+    labels = np.array([0, 3, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', TangentFallbackWarning)
+        batch = tangent_features(model, x, labels, mode, layout=layout)
+    want = oracle(model, x, zip(batch.sample, batch.candidate), layout)
+    assert rel_err(batch.features, want) <= TOL[np.float32]
 
 
 def test_default_layout_is_the_papers_choice():
@@ -396,9 +428,16 @@ def test_chunking_matches_one_chunk(mode, dtype):
     # a reused buffer gives the same values as fresh chunks, bit for bit
     np.testing.assert_array_equal(
         np.concatenate([c.features.copy() for c in reused]), chunked)
-    jac = logit_jacobian(model, x, layout=layout, max_bytes=1)
+    jac_chunks = list(iter_logit_jacobian(model, x, labels, layout=layout,
+                                          max_bytes=1))
+    assert len(jac_chunks) == 5
+    jac = np.concatenate([c.features for c in jac_chunks])
+    np.testing.assert_array_equal(
+        np.concatenate([c.candidate for c in jac_chunks]), np.tile(range(3), 5))
+    np.testing.assert_array_equal(
+        np.concatenate([c.target for c in jac_chunks]), np.repeat(labels, 3))
     jac_whole = logit_jacobian(model, x, layout=layout, max_bytes=None)
-    assert rel_err(jac, jac_whole) <= CHUNK_TOL[dtype]
+    assert rel_err(jac, jac_whole.reshape(15, -1)) <= CHUNK_TOL[dtype]
 
 
 def test_threads_split_samples_not_results():
