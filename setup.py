@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         'gpu': ['cupy-cuda12x'],
-        'test': ['pytest', 'hypothesis'],
+        'test': ['pytest', 'hypothesis', 'anndata'],
     },
     entry_points={'console_scripts': ['gradnet-cupy = gradnet_cupy.cli:main']},
 )
