@@ -18,12 +18,13 @@ setup(
         'h5py',
         'click>=8',
         'tqdm',
+        'threadpoolctl',
         'mlxtend',
         'matplotlib',
     ],
     extras_require={
         'gpu': ['cupy-cuda12x'],
-        'test': ['pytest', 'hypothesis'],
+        'test': ['pytest', 'hypothesis', 'anndata'],
     },
     entry_points={'console_scripts': ['gradnet-cupy = gradnet_cupy.cli:main']},
 )

@@ -17,6 +17,7 @@ gradnet_cupy imports Chainer from here::
 """
 import sys
 import types
+import warnings
 
 import numpy as np
 
@@ -81,10 +82,13 @@ def _install_shims():
         sys.modules['pkg_resources'] = _stub_pkg_resources()
 
 
-_install_shims()
-
-import chainer  # noqa: E402
-import chainer.functions as F  # noqa: E402
-import chainer.links as L  # noqa: E402
+with warnings.catch_warnings():
+    # numpy.distutils (Python < 3.12) and pkg_resources warn that they are
+    # deprecated when imported; Chainer's start-up check imports both.
+    warnings.simplefilter('ignore', DeprecationWarning)
+    _install_shims()
+    import chainer
+    import chainer.functions as F
+    import chainer.links as L
 
 __all__ = ['chainer', 'F', 'L']

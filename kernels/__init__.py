@@ -5,5 +5,7 @@ kernel (source in this package's ``*.cu`` files), NumPy input runs the NumPy
 reference, which is the kernel's executable specification.
 """
 from gradnet_cupy.kernels.csr import CSR
+from gradnet_cupy.kernels.sparsify import (fixed_index_sets, gather_fixed,
+                                           percentile_sparsify)
 
-__all__ = ['CSR']
+__all__ = ['CSR', 'fixed_index_sets', 'gather_fixed', 'percentile_sparsify']

@@ -1,0 +1,317 @@
+"""Throughput of gradnet_cupy.tangent against what bounds it (not a test).
+
+On the cnn and the mlp (MNIST-shaped input 1x28x28, batch 128, all 10
+candidates, so 1280 rows of one sample and one candidate each), in one run:
+
+* rows/s of the batched path (``iter_tangent_features`` with a reused
+  chunk buffer, and ``tangent_features`` returning every row in fresh
+  memory; default chunk budget and threads) and of the per-sample autograd
+  loop (per row: cleargrads, forward of the one sample, softmax
+  cross-entropy, backward, copy of the W grads; on the CPU timed with
+  default and with single-threaded BLAS, the faster is the baseline);
+* the FLOP rate the batched path reaches on its required arithmetic (the
+  per-sample weight-gradient products, 2 FLOP per multiply-add) next to the
+  float32 GEMM rate of NumPy/CuPy on the same machine;
+* the bytes of features written per second next to a plain memory-copy rate
+  (into already-touched memory and into fresh memory);
+* where torch imports, torch.func ``vmap(grad)`` on the same architecture
+  and weights (checked to agree with the batched rows).
+
+Writes bench/results/tangent-<device>.json. Runs unchanged on a GPU (CuPy).
+
+    python bench/bench_tangent.py [--device auto|cpu|gpu] [--loop-rows 64]
+
+The models are gradnet_cupy.models' ``cnn`` and ``mlp`` (seed 0).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import time
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+import gradnet_cupy
+from gradnet_cupy import backend
+from gradnet_cupy.chainer_compat import chainer, F, L
+from gradnet_cupy.models import build_model, to_device
+from gradnet_cupy.tangent import (
+    iter_tangent_features, parameter_layout, tangent_features)
+
+N_CLASSES = 10
+IN_SHAPE = (1, 28, 28)
+
+
+def sync(xp):
+    if xp is not np:
+        xp.cuda.Device().synchronize()
+
+
+def best_time(fn, xp, repeats):
+    """Minimum wall time of ``fn()`` over ``repeats`` runs after a warm-up."""
+    fn()
+    sync(xp)
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(xp)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_rate(xp, repeats):
+    """float32 GEMM FLOP/s of a large square matmul."""
+    n = 2048 if xp is np else 8192
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)),
+                   dtype=xp.float32)
+    b = a.T.copy()
+    t = best_time(lambda: xp.matmul(a, b), xp, repeats)
+    return 2 * n ** 3 / t
+
+
+def copy_rates(xp, repeats):
+    """Bytes/s of copying 256 MiB float32: into touched and fresh memory."""
+    src = xp.ones(64 * 2 ** 20, dtype=xp.float32)
+    dst = xp.zeros_like(src)
+    touched = best_time(lambda: xp.copyto(dst, src), xp, repeats)
+    fresh = best_time(lambda: src.copy(), xp, repeats)
+    return src.nbytes / touched, src.nbytes / fresh
+
+
+class _Shapes(chainer.LinkHook):
+    name = 'bench_shapes'
+
+    def __init__(self):
+        self.seen = []
+
+    def forward_postprocess(self, args):
+        self.seen.append((args.link, args.args[0].shape, args.out.shape))
+
+
+def macs_per_row(model, x1):
+    """(weight-gradient MACs, backward data-gradient MACs) per row: the
+    per-sample products ``gy (x) input`` of every Linear/Convolution2D W, and
+    the input gradients the backward pass needs below the last layer."""
+    hook = _Shapes()
+    with chainer.using_config('train', False), hook:
+        model(x1)
+    wgrad = data = 0
+    first = True
+    for link, xshape, yshape in hook.seen:
+        if isinstance(link, L.Linear):
+            m = link.W.size
+        elif isinstance(link, L.Convolution2D):
+            m = link.W.size * int(np.prod(yshape[2:]))
+        else:
+            continue
+        wgrad += m
+        if not first:
+            data += m
+        first = False
+    return wgrad, data
+
+
+def loop_rows(model, layout, x, rows, xp):
+    """Per-sample autograd loop over ``rows`` (sample, candidate) pairs,
+    writing the W gradients into a (rows, n_params) array."""
+    by_path = dict(model.namedlinks())
+    params = [getattr(by_path[e.path], e.name) for e in layout.entries]
+    out = xp.empty((len(rows), layout.n_params), xp.float32)
+    with chainer.using_config('train', False):
+        for r, (i, c) in enumerate(rows):
+            model.cleargrads()
+            z = model(x[i:i + 1])
+            loss = F.softmax_cross_entropy(z, xp.asarray([c], np.int32))
+            loss.backward()
+            for e, p in zip(layout.entries, params):
+                out[r, e.offset:e.offset + e.size] = p.grad.reshape(-1)
+    return out
+
+
+def torch_rows(kind, model, x, layout):
+    """torch.func vmap(grad) of the same network and weights over the
+    N*C (sample, candidate) rows; returns (fn, rows) or None."""
+    try:
+        import torch
+        from torch.func import grad, vmap
+    except ImportError:
+        return None
+    t = torch.nn.functional
+    by_path = dict(model.namedlinks())
+    weights = {f'{e.path}/{e.name}': torch.from_numpy(
+        backend.to_numpy(getattr(by_path[e.path], e.name).array))
+        for e in layout.entries}
+    biases = {f'{e.path}/b': torch.from_numpy(
+        backend.to_numpy(by_path[e.path].b.array)) for e in layout.entries}
+
+    if kind == 'cnn':
+        def net(w, xi):
+            h = t.conv2d(xi, w['/conv1/W'], biases['/conv1/b'], padding=1)
+            h = t.max_pool2d(t.relu(h), 2, ceil_mode=True)
+            h = t.conv2d(h, w['/conv2/W'], biases['/conv2/b'], padding=2)
+            h = t.max_pool2d(t.relu(h), 2, ceil_mode=True)
+            return t.linear(h.flatten(1), w['/fc/W'], biases['/fc/b'])
+    else:
+        paths = [e.path for e in layout.entries]
+
+        def net(w, xi):
+            h = xi.flatten(1)
+            for k, p in enumerate(paths):
+                h = t.linear(h, w[f'{p}/W'], biases[f'{p}/b'])
+                if k < len(paths) - 1:
+                    h = t.relu(h)
+            return h
+
+    def loss(w, xi, ci):
+        return t.cross_entropy(net(w, xi[None]), ci[None])
+
+    per_row = vmap(grad(loss), in_dims=(None, 0, 0))
+    xs = torch.from_numpy(backend.to_numpy(x)).repeat_interleave(
+        N_CLASSES, dim=0)
+    cs = torch.arange(N_CLASSES).repeat(len(x))
+    order = [f'{e.path}/{e.name}' for e in layout.entries]
+
+    def run():
+        g = per_row(weights, xs, cs)
+        return torch.cat([g[k].reshape(len(xs), -1) for k in order], dim=1)
+    return run, torch.__version__, torch.get_num_threads()
+
+
+def bench_model(kind, xp, batch, n_loop, repeats):
+    model = to_device(build_model(kind, IN_SHAPE, N_CLASSES, seed=0),
+                      'cpu' if xp is np else 'gpu')
+    x = xp.asarray(np.random.default_rng(0).standard_normal(
+        (batch,) + IN_SHAPE).astype(np.float32))
+    layout = parameter_layout(model)
+    rows = batch * N_CLASSES
+    row_bytes = layout.n_params * 4
+
+    def consume_chunks():
+        for chunk in iter_tangent_features(model, x, candidates='all',
+                                           layout=layout, reuse_buffer=True):
+            pass
+
+    t_reuse = best_time(consume_chunks, xp, repeats)
+    t_fresh = best_time(lambda: tangent_features(
+        model, x, candidates='all', layout=layout), xp, repeats)
+    pairs = [(i, c) for i in range(batch) for c in range(N_CLASSES)][:n_loop]
+    t_loop = best_time(lambda: loop_rows(model, layout, x, pairs, xp), xp,
+                       max(1, repeats // 2))
+    t_loop_1 = t_loop
+    if xp is np:     # the loop may do better with single-threaded BLAS
+        with ThreadpoolController().limit(limits=1, user_api='blas'):
+            t_loop_1 = best_time(
+                lambda: loop_rows(model, layout, x, pairs, xp), xp,
+                max(1, repeats // 2))
+    batched = tangent_features(model, x, candidates='all',
+                               layout=layout).features
+    looped = loop_rows(model, layout, x, pairs, xp)
+    agree = float(xp.abs(batched[:n_loop] - looped).max()
+                  / xp.abs(looped).max())
+    wgrad, data = macs_per_row(model, x[:1])
+    result = {
+        'n_params': layout.n_params,
+        'rows': rows,
+        'wgrad_macs_per_row': wgrad,
+        'backward_data_macs_per_row': data,
+        'batched_reuse_s': t_reuse,
+        'batched_fresh_s': t_fresh,
+        'batched_rows_per_s': rows / t_reuse,
+        'batched_fresh_rows_per_s': rows / t_fresh,
+        'loop_rows_timed': n_loop,
+        'loop_rows_per_s_blas_default': n_loop / t_loop,
+        'loop_rows_per_s_blas_1_thread': n_loop / t_loop_1,
+        'loop_rows_per_s': n_loop / min(t_loop, t_loop_1),
+        'speedup_vs_loop': (rows / t_reuse) / (n_loop / min(t_loop, t_loop_1)),
+        'batched_wgrad_flops': 2 * wgrad * rows / t_reuse,
+        'batched_total_flops': 2 * (wgrad + data) * rows / t_reuse,
+        'batched_bytes_per_s': row_bytes * rows / t_reuse,
+        'batched_fresh_bytes_per_s': row_bytes * rows / t_fresh,
+        'max_rel_err_vs_loop': agree,
+    }
+    if xp is np:
+        got = torch_rows(kind, model, x, layout)
+        if got is not None:
+            run, version, threads = got
+            t_torch = best_time(run, xp, max(1, repeats // 2))
+            ref = run().numpy()
+            result.update({
+                'torch_version': version,
+                'torch_threads': threads,
+                'torch_vmap_rows_per_s': rows / t_torch,
+                'batched_over_torch': t_torch / t_reuse,
+                'torch_max_rel_err': float(np.abs(batched - ref).max()
+                                           / np.abs(ref).max()),
+            })
+    return result
+
+
+def device_name(xp):
+    if xp is not np:
+        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+        name = props['name']
+        return name.decode() if isinstance(name, bytes) else name
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return 'cpu ' + line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return 'cpu ' + platform.processor()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--loop-rows', type=int, default=None,
+                        help='rows timed in the per-sample loop (default: '
+                        '64 on CPU, 1280 on GPU)')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--out', default=None)
+    args = parser.parse_args()
+    xp = backend.array_module(backend.resolve_device(args.device))
+    n_loop = args.loop_rows or (64 if xp is np else args.batch * N_CLASSES)
+    name = device_name(xp)
+    gemm = gemm_rate(xp, args.repeats)
+    copy_touched, copy_fresh = copy_rates(xp, args.repeats)
+    report = {
+        'device': name,
+        'date': datetime.datetime.now().isoformat(timespec='seconds'),
+        'versions': {
+            'gradnet_cupy': gradnet_cupy.__version__,
+            'chainer': chainer.__version__, 'numpy': np.__version__,
+            'cupy': None if xp is np else xp.__version__,
+            'python': platform.python_version()},
+        'cpu_count': os.cpu_count(),
+        'usable_cpus': len(os.sched_getaffinity(0)),
+        'load_avg_at_start': os.getloadavg(),
+        'models': 'gradnet_cupy.models cnn/mlp, seed 0, input 1x28x28',
+        'candidates': 'all', 'batch': args.batch,
+        'gemm_f32_flops': gemm,
+        'copy_bytes_per_s_touched': copy_touched,
+        'copy_bytes_per_s_fresh': copy_fresh,
+    }
+    for kind in ('cnn', 'mlp'):
+        r = bench_model(kind, xp, args.batch, n_loop, args.repeats)
+        r['wgrad_flops_over_gemm'] = r['batched_wgrad_flops'] / gemm
+        r['bytes_over_copy_touched'] = r['batched_bytes_per_s'] / copy_touched
+        report[kind] = r
+    report['load_avg_at_end'] = os.getloadavg()
+    slug = re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')
+    out = args.out or os.path.join(os.path.dirname(__file__), 'results',
+                                   f'tangent-{slug}.json')
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    print('wrote', out)
+
+
+if __name__ == '__main__':
+    main()
