@@ -1,0 +1,143 @@
+"""The extraction stage: images -> tangent features -> per-layer sparse CSR.
+
+DESIGN §2's data flow, model + batch -> tangent -> kernels (sparsify) -> CSR
+batch, for one split of a dataset. :func:`iter_sparse_tangents` yields the
+CSR batches (used by the online trainer, which skips the store);
+:func:`extract_to_store` streams them into a resumable
+:class:`~gradnet_cupy.store.TangentStore`.
+
+Rows are produced in a fixed order (sample-major, samples in split order,
+for ``all`` candidates ``0 .. C-1`` per sample), and ``random`` candidates
+are drawn once for the whole split from ``seed``, so a shard or a resumed run
+produces exactly the rows of an uninterrupted one.
+"""
+import numpy as np
+from tqdm import tqdm
+
+from gradnet_cupy.backend import to_device
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels import percentile_sparsify
+from gradnet_cupy.store import TangentStore, file_sha256
+from gradnet_cupy.tangent import iter_tangent_features
+
+CANDIDATE_MODES = ('random', 'all', 'true')
+SPLITS = ('gradnet', 'test', 'base')
+
+
+def parse_shard(text):
+    """``'i/n'`` (0 <= i < n) -> ``(i, n)``; None -> ``(0, 1)``."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split('/'))
+    except ValueError:
+        raise GradnetError(f"--shard {text!r} is not of the form i/n") \
+            from None
+    if not 0 <= index < count:
+        raise GradnetError(f'--shard {text}: need 0 <= i < n')
+    return index, count
+
+
+def shard_range(n_samples, shard):
+    """The ``(start, stop)`` samples of shard ``(i, n)``: near-equal,
+    disjoint, contiguous slices covering ``range(n_samples)``."""
+    index, count = shard
+    bounds = np.linspace(0, n_samples, count + 1).astype(np.int64)
+    return int(bounds[index]), int(bounds[index + 1])
+
+
+def candidate_plan(mode, labels, n_classes, seed):
+    """Per-sample candidate labels (int32, (N,)) for ``random`` or ``true``;
+    None for ``all`` (every class, handled by the tangent stage)."""
+    if mode == 'all':
+        return None
+    if mode == 'true':
+        return np.asarray(labels, dtype=np.int32)
+    if mode == 'random':
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, n_classes, size=len(labels)).astype(np.int32)
+    raise GradnetError(f"unknown candidate mode {mode!r}: choose one of "
+                       f"{', '.join(CANDIDATE_MODES)}")
+
+
+def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
+                         transform, batch=64, start=0, stop=None):
+    """Sparse tangent features of samples ``start .. stop`` of ``x``.
+
+    Args:
+        model: the base network (Chainer, float32) on ``device``.
+        x: (N, C, H, W) float32 host images; labels: (N,) int32.
+        candidates: per-sample int32 labels (N,) or None for all classes
+            (see :func:`candidate_plan`).
+        q: the sparsification percentile; layout: the ParameterLayout whose
+            ``block_sizes`` are the per-layer segments.
+        device: 'cpu' or 'gpu'; transform: ``transform(x) -> x`` applied to
+            each host batch (the dataset's eval transform).
+        batch: samples per tangent computation.
+
+    Yields ``(csr, sample, candidate, target)`` on ``device``: a CSR of
+    float32 features (rows x n_params), int64 sample indices into ``x``,
+    and the int32 candidate and true label of each row.
+    """
+    stop = len(x) if stop is None else stop
+    for first in range(start, stop, batch):
+        last = min(first + batch, stop)
+        xb = to_device(transform(x[first:last]), device)
+        yb = to_device(labels[first:last], device)
+        cb = 'all' if candidates is None else to_device(
+            candidates[first:last], device)
+        for chunk in iter_tangent_features(model, xb, yb, cb, layout=layout):
+            csr = percentile_sparsify(chunk.features, layout.block_sizes, q)
+            yield csr, chunk.sample + first, chunk.candidate, chunk.target
+
+
+def extract_to_store(model, layout, split_data, n_classes, out, provenance,
+                     candidates='random', q=85.0, shard=(0, 1), seed=0,
+                     device='cpu', transform=None, batch=64, progress=True):
+    """Extract one split into the store ``out``; resumes a killed run.
+
+    ``split_data``: ``(x, y)`` host arrays of the split. ``provenance``: what
+    identifies this extraction beside the arguments here (dataset, split,
+    model checksum, ...); a store at ``out`` from a different extraction is
+    refused. Returns a summary dict (rows, nnz, path, ...).
+    """
+    x, y = split_data
+    start, stop = shard_range(len(x), shard)
+    rows_per_sample = n_classes if candidates == 'all' else 1
+    plan = candidate_plan(candidates, y, n_classes, seed)
+    provenance = dict(provenance, q=float(q),
+                      candidates=candidates, seed=int(seed),
+                      shard=f'{shard[0]}/{shard[1]}',
+                      samples=[start, stop])
+    writer = TangentStore.create_or_resume(
+        out, layout.n_params, layout.to_dict(), provenance,
+        total_rows=(stop - start) * rows_per_sample)
+    done_rows = writer.n_rows
+    if done_rows % rows_per_sample:
+        raise GradnetError(f'{out}: {done_rows} committed rows are not whole '
+                           f'samples of {rows_per_sample} rows')
+    resume_at = start + done_rows // rows_per_sample
+    bar = tqdm(total=(stop - start) * rows_per_sample, initial=done_rows,
+               unit='rows', disable=not progress, desc='extract')
+    with writer:
+        for csr, sample, candidate, target in iter_sparse_tangents(
+                model, x, y, plan, q, layout, device,
+                transform or (lambda v: v), batch, resume_at, stop):
+            writer.append(csr, sample, candidate, target)
+            bar.update(csr.shape[0])
+        bar.close()
+        writer.finalize()
+    with TangentStore.open(out) as store:
+        return {'path': str(out), 'rows': len(store), 'nnz': store.nnz,
+                'n_columns': store.n_columns, 'resumed_from_rows': done_rows,
+                'density': store.nnz / max(1, len(store) * store.n_columns)}
+
+
+def model_provenance(snapshot_path, arch, dataset, split, data_dir=None,
+                     subset=None):
+    """The provenance keys of an extraction from a snapshot file."""
+    return {'model_snapshot': str(snapshot_path),
+            'model_sha256': file_sha256(snapshot_path), 'arch': arch,
+            'dataset': dataset, 'data_dir': data_dir, 'split': split,
+            'subset': subset}
+
