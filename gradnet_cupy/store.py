@@ -1079,9 +1079,8 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
             stores.append(TangentStore.open(shard_path))
         stores = _order_shards(stores)
         first = stores[0]
-        storage = dict(first.storage)
-        storage = _storage(compression or storage['compression'],
-                           chunk_elements or storage['chunk_elements'])
+        storage = _storage(compression or first.storage['compression'],
+                           chunk_elements or first.storage['chunk_elements'])
         provenance = {k: v for k, v in first.provenance.items()
                       if k not in (SHARD_KEY, 'created')}
         provenance['created'] = datetime.datetime.now(
