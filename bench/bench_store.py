@@ -17,7 +17,9 @@ Measured for each compression (none, lzf, gzip) and chunk length:
   (25 rows, the original GradNet batch) and sample-grouped batches (all 10
   candidates of 10 samples), in rows/s and MB/s.
 MB = 10**6 bytes of CSR payload (8 bytes per nonzero), so rates are
-comparable across compressions.
+comparable across compressions. Every rate comes per wall-clock second
+(``*_per_s``) and per process CPU second (``*_per_cpu_s``, steadier on a
+shared machine; the store's work is single-threaded), best of ``--repeat``.
 
     .venv/bin/python bench/bench_store.py [--samples 80] [--device cpu]
 
@@ -251,6 +253,7 @@ def main():
                         help='default: bench/results/store-<device>.json')
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     start = time.perf_counter()
     csr, sample, candidate, target, sizes, accuracy = tangent_rows(
         args.samples, args.train_steps, args.seed)
@@ -280,6 +283,8 @@ def main():
         'device_name': device_description(args.device),
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec='seconds'),
+        'load_average_1_5_15min': {'before': load_before,
+                                   'after': os.getloadavg()},
         'versions': {'gradnet_cupy': gradnet_cupy.__version__,
                      'python': platform.python_version(),
                      'numpy': np.__version__, 'scipy': scipy.__version__,

@@ -78,6 +78,11 @@ TMP_SUFFIX = '.tmp'
 SHARD_KEY = 'shard'
 STAT_FIELDS = ('count', 'min', 'max', 'sum', 'sumsq')
 COMPRESSIONS = ('gzip', 'lzf', 'none')
+# From bench/results/store-cpu.json (real MNIST CNN tangents, q = 85): gzip
+# (level 1 + shuffle) stores 3.9 bytes per nonzero against 4.3 for lzf and
+# 8.0 uncompressed, reads as fast per CPU second as lzf, and every HDF5
+# reader decodes it (lzf needs h5py). 'none' reads about 3x faster at twice
+# the size. Chunks of 2**14 elements: random rows stay cheap to read.
 DEFAULT_COMPRESSION = 'gzip'
 DEFAULT_CHUNK_ELEMENTS = 1 << 14
 _RESERVED_PROVENANCE = ('package_version', 'created')
@@ -510,13 +515,31 @@ class StoreWriter:
             crc = zlib.crc32(memoryview(array).cast('B'), crc)
         crc = zlib.crc32(padding, crc)
         head = _RECORD_HEAD.pack(_RECORD_MAGIC, rows, nnz, crc, 0)[:-4]
-        self._file.write(head + struct.pack('<I', zlib.crc32(head)))
-        offset = self._file.tell()
-        for array in arrays:
-            self._file.write(memoryview(array).cast('B'))
-        self._file.write(padding)
-        self._file.flush()
-        self._records.append(_Record(offset, rows, nnz))
+        start = self._file.tell()
+        try:
+            self._file.write(head + struct.pack('<I', zlib.crc32(head)))
+            for array in arrays:
+                self._file.write(memoryview(array).cast('B'))
+            self._file.write(padding)
+            self._file.flush()
+        except BaseException:
+            self._drop_tail(start)
+            raise
+        self._records.append(_Record(start + _RECORD_HEAD.size, rows, nnz))
+
+    def _drop_tail(self, start):
+        """Cut a record whose write failed (disk full, interrupt) so that
+        later appends follow the last complete one; close the writer if
+        even that fails."""
+        try:
+            self._file.seek(start)
+            self._file.truncate(start)
+        except OSError:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass   # the write's own error is the one to report
 
     def finalize(self):
         """Write the HDF5 store at ``path`` from the journal, then delete the
@@ -1011,10 +1034,12 @@ def _new_header(n_columns, layout, provenance, total_rows, storage):
 
 def _check_same_extraction(path, found, expected):
     """GradnetError unless ``found`` and ``expected`` (header-like dicts)
-    describe the same extraction."""
+    describe the same extraction (an expected ``total_rows`` of None
+    matches any)."""
     problems = []
     for key in ('n_columns', 'total_rows', 'layout'):
-        if found[key] != expected[key]:
+        if found[key] != expected[key] and not (
+                key == 'total_rows' and expected[key] is None):
             problems.append(f'{key}: {found[key]!r} (expected '
                             f'{expected[key]!r})')
     provenance = _differences(_identity(found['provenance']),
@@ -1054,9 +1079,8 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
             stores.append(TangentStore.open(shard_path))
         stores = _order_shards(stores)
         first = stores[0]
-        storage = dict(first.storage)
-        storage = _storage(compression or storage['compression'],
-                           chunk_elements or storage['chunk_elements'])
+        storage = _storage(compression or first.storage['compression'],
+                           chunk_elements or first.storage['chunk_elements'])
         provenance = {k: v for k, v in first.provenance.items()
                       if k not in (SHARD_KEY, 'created')}
         provenance['created'] = datetime.datetime.now(
