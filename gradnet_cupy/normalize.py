@@ -42,18 +42,22 @@ class ColumnStats:
         self.sumsq = np.zeros(self.n_columns)
 
     def add(self, csr):
+        """Add the nonzeros of a CSR batch (NumPy or CuPy); returns self."""
         if csr.shape[1] != self.n_columns:
             raise GradnetError(
                 f'batch has {csr.shape[1]} columns, statistics are over '
                 f'{self.n_columns}')
-        cols = to_numpy(csr.indices)
-        values = to_numpy(csr.data).astype(np.float64)
-        self.count += np.bincount(cols, minlength=self.n_columns)
-        self.sum += np.bincount(cols, values, minlength=self.n_columns)
-        self.sumsq += np.bincount(cols, values * values,
-                                  minlength=self.n_columns)
-        np.minimum.at(self.min, cols, values)
-        np.maximum.at(self.max, cols, values)
+        return self.add_entries(to_numpy(csr.indices), to_numpy(csr.data))
+
+    def add_entries(self, columns, values):
+        """Add nonzeros given as host arrays of column indices and values."""
+        values = values.astype(np.float64)
+        n = self.n_columns
+        self.count += np.bincount(columns, minlength=n)
+        self.sum += np.bincount(columns, values, minlength=n)
+        self.sumsq += np.bincount(columns, values * values, minlength=n)
+        np.minimum.at(self.min, columns, values)
+        np.maximum.at(self.max, columns, values)
         return self
 
     def as_dict(self):

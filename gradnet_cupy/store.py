@@ -70,13 +70,14 @@ from gradnet_cupy import __version__
 from gradnet_cupy.backend import to_numpy
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels.csr import CSR
+from gradnet_cupy.normalize import STAT_FIELDS, ColumnStats
 
 FORMAT = 'gradnet-cupy tangent store'
 FORMAT_VERSION = 1
 JOURNAL_SUFFIX = '.partial'
 TMP_SUFFIX = '.tmp'
 SHARD_KEY = 'shard'
-STAT_FIELDS = ('count', 'min', 'max', 'sum', 'sumsq')
+
 COMPRESSIONS = ('gzip', 'lzf', 'none')
 # From bench/results/store-cpu.json (real MNIST CNN tangents, q = 85): gzip
 # (level 1 + shuffle) stores 3.9 bytes per nonzero against 4.3 for lzf and
@@ -171,30 +172,6 @@ def _dataset_options(storage):
     elif storage['compression'] == 'lzf':
         options.update(compression='lzf')
     return options
-
-
-class _Stats:
-    """Per-column count, min, max, sum and sum of squares of nonzeros
-    (float64 sums; count int64), accumulated block by block."""
-
-    def __init__(self, n_columns):
-        self.count = np.zeros(n_columns, dtype=np.int64)
-        self.min = np.full(n_columns, np.inf)
-        self.max = np.full(n_columns, -np.inf)
-        self.sum = np.zeros(n_columns)
-        self.sumsq = np.zeros(n_columns)
-
-    def add(self, indices, data):
-        n = self.count.shape[0]
-        values = data.astype(np.float64)
-        self.count += np.bincount(indices, minlength=n)
-        self.sum += np.bincount(indices, values, minlength=n)
-        self.sumsq += np.bincount(indices, values * values, minlength=n)
-        np.minimum.at(self.min, indices, values)
-        np.maximum.at(self.max, indices, values)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in STAT_FIELDS}
 
 
 # ---------------------------------------------------------------- journal --
@@ -323,7 +300,7 @@ def _write_h5(path, header, n_rows, nnz, blocks, extra_attrs=None):
     disk. The column statistics are accumulated on the way."""
     n_columns = header['n_columns']
     options = _dataset_options(header['storage'])
-    stats = _Stats(n_columns)
+    stats = ColumnStats(n_columns)
     with h5py.File(path, 'w', rdcc_nbytes=_CHUNK_CACHE_BYTES) as f:
         group = f.create_group('X')
         group.attrs['encoding-type'] = 'csr_matrix'
@@ -350,7 +327,7 @@ def _write_h5(path, header, n_rows, nnz, blocks, extra_attrs=None):
             indptr[row + 1:row + rows + 1] = pos + np.cumsum(block.row_nnz)
             for name, dataset in per_row.items():
                 dataset[row:row + rows] = getattr(block, name)
-            stats.add(block.indices, block.data)
+            stats.add_entries(block.indices, block.data)
             row, pos = row + rows, pos + count
         if (row, pos) != (n_rows, nnz):
             raise GradnetError(f'{path}: got {row} rows and {pos} nonzeros, '
@@ -725,9 +702,9 @@ class _JournalRows:
         return np.concatenate(indices), np.concatenate(data)
 
     def column_stats(self):
-        stats = _Stats(self.header['n_columns'])
+        stats = ColumnStats(self.header['n_columns'])
         for block in self.blocks:
-            stats.add(block.indices, block.data)
+            stats.add_entries(block.indices, block.data)
         return stats.as_dict()
 
     def close(self):

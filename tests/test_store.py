@@ -515,7 +515,7 @@ CRASH_SCRIPT = ROWS_SOURCE + textwrap.dedent('''
             return getattr(self.f, name)
 
 
-    add = gradnet_cupy.store._Stats.add
+    add = gradnet_cupy.store.ColumnStats.add_entries
 
     def announced_add(self, indices, data):
         """Test instrumentation: announce each block finalize writes."""
@@ -523,7 +523,7 @@ CRASH_SCRIPT = ROWS_SOURCE + textwrap.dedent('''
         step('finalize-block')
 
 
-    gradnet_cupy.store._Stats.add = announced_add
+    gradnet_cupy.store.ColumnStats.add_entries = announced_add
     writer = TangentStore.create_or_resume(
         path, settings['n_columns'], settings['layout'],
         settings['provenance'], total_rows=total, chunk_elements=4096)
