@@ -13,11 +13,18 @@ Prediction (DESIGN §1.6): ``argmax_c sum_ĉ GradNet(t(x, ĉ))_c``, the raw
 outputs summed over all candidate rows of a sample
 (:func:`predict_from_candidates`).
 """
+import json
+import os
+import sys
+
 import numpy as np
+from tqdm import tqdm
 
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.normalize import Normalizer
+from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
 
 WIRINGS = ('diagonal', 'adjacent')
 
@@ -258,3 +265,71 @@ def evaluate(model, batches, normalizer=None):
     truth = np.zeros(ids.shape[0], dtype=np.int64)
     truth[np.searchsorted(ids, sample)] = np.concatenate(targets)
     return float(np.mean(predicted == truth)), ids, predicted, truth
+
+
+def train(model, optimizer, epochs, epoch_batches, evaluate_test,
+          eval_every=None, progress=True):
+    """The GradNet training loop.
+
+    ``epoch_batches(epoch)`` yields ``(csr, target)`` training batches
+    (already normalized, on the model's device); ``evaluate_test()`` returns
+    the test accuracy. The test set is evaluated every ``eval_every``
+    iterations (None: after every epoch) and at the end. Returns the history:
+    a list of ``{iteration, epoch, train_loss, test_accuracy}`` dicts, where
+    ``train_loss`` is the mean batch loss since the previous evaluation.
+    """
+    history, losses, iteration = [], [], 0
+
+    def record(epoch):
+        history.append({'iteration': iteration, 'epoch': epoch,
+                        'train_loss': float(np.mean(losses)) if losses
+                        else None,
+                        'test_accuracy': evaluate_test()})
+        losses.clear()
+        if progress:
+            tqdm.write(f"iteration {iteration} (epoch {epoch}): train loss "
+                       f"{history[-1]['train_loss']:.4f}, test accuracy "
+                       f"{history[-1]['test_accuracy']:.4f}",
+                       file=sys.stderr)
+
+    for epoch in range(1, epochs + 1):
+        for csr, target in tqdm(epoch_batches(epoch), disable=not progress,
+                                desc=f'epoch {epoch}', unit='batch',
+                                leave=False):
+            losses.append(train_step(model, optimizer, csr, target))
+            iteration += 1
+            if eval_every and iteration % eval_every == 0:
+                record(epoch)
+        if not eval_every:
+            record(epoch)
+    if not history or history[-1]['iteration'] != iteration:
+        record(epochs)
+    return history
+
+
+def save_gradnet(folder, model, normalizer, extra=None):
+    """Write ``gradnet.npz`` (weights), ``normalizer.npz`` and
+    ``gradnet.json`` (model config + ``extra``) into ``folder``, each file
+    atomically."""
+    os.makedirs(folder, exist_ok=True)
+    save_snapshot(model, os.path.join(folder, 'gradnet.npz'))
+    atomic_write(os.path.join(folder, 'normalizer.npz'),
+                 lambda f: np.savez(f, **normalizer.state()))
+    text = json.dumps({'config': model.config(), **(extra or {})}, indent=1)
+    atomic_write(os.path.join(folder, 'gradnet.json'),
+                 lambda f: f.write(text.encode()))
+
+
+def load_gradnet(folder):
+    """Read a GradNet saved by :func:`save_gradnet`: ``(model, normalizer,
+    info)`` with the model on the CPU."""
+    try:
+        with open(os.path.join(folder, 'gradnet.json')) as f:
+            info = json.load(f)
+        with np.load(os.path.join(folder, 'normalizer.npz')) as npz:
+            normalizer = Normalizer.from_state(dict(npz))
+    except (OSError, ValueError, KeyError) as e:
+        raise GradnetError(f'{folder}: not a saved GradNet ({e})') from e
+    model = GradNet(**info['config'])
+    load_snapshot(model, os.path.join(folder, 'gradnet.npz'))
+    return model, normalizer, info

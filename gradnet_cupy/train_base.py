@@ -172,7 +172,7 @@ def evaluate(model, split, transform, device):
 
 # ----------------------------------------------------------------- files
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file next to ``path``, then
     rename it to ``path``; on any error the temporary file is removed."""
     directory, name = os.path.split(os.path.abspath(path))
@@ -190,14 +190,14 @@ def _atomic_write(path, write):
 
 
 def _write_json(path, obj):
-    _atomic_write(path, lambda f: f.write(
+    atomic_write(path, lambda f: f.write(
         (json.dumps(obj, indent=1) + '\n').encode()))
 
 
 def save_snapshot(model, path):
     """Write ``model``'s parameters and persistents to ``path`` (Chainer npz)
     atomically."""
-    _atomic_write(path, lambda f: chainer.serializers.save_npz(f, model))
+    atomic_write(path, lambda f: chainer.serializers.save_npz(f, model))
 
 
 def load_snapshot(model, path):

@@ -9,7 +9,7 @@ from gradnet_cupy.chainer_compat import chainer
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.models import build_model
-from gradnet_cupy.train_base import (_atomic_write, evaluate, load_base,
+from gradnet_cupy.train_base import (atomic_write, evaluate, load_base,
                                      load_snapshot, read_snapshots,
                                      save_snapshot, train_base)
 
@@ -141,7 +141,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         f.write(b'partial')
         raise RuntimeError('disk full')
     with pytest.raises(RuntimeError):
-        _atomic_write(str(tmp_path / 'snapshot_epoch_1.npz'), failing)
+        atomic_write(str(tmp_path / 'snapshot_epoch_1.npz'), failing)
     assert os.listdir(tmp_path) == []
 
 
