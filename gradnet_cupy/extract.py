@@ -105,7 +105,7 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     start, stop = shard_range(len(x), shard)
     rows_per_sample = n_classes if candidates == 'all' else 1
     plan = candidate_plan(candidates, y, n_classes, seed)
-    provenance = dict(provenance, q=float(q),
+    provenance = dict(provenance, q=float(q), n_classes=int(n_classes),
                       candidates=candidates, seed=int(seed),
                       shard=f'{shard[0]}/{shard[1]}',
                       samples=[start, stop])

@@ -20,10 +20,12 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from gradnet_cupy.backend import get_array_module, to_numpy
+from gradnet_cupy.backend import get_array_module, to_device, to_numpy
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.normalize import Normalizer
+from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
+from gradnet_cupy.kernels import CSR
+from gradnet_cupy.normalize import ColumnStats, Normalizer
 from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
 
 WIRINGS = ('diagonal', 'adjacent')
@@ -111,13 +113,14 @@ class GradNet(chainer.Chain):
         wiring: ``'diagonal'`` or ``'adjacent'`` (see :func:`column_ranges`).
         dropout: dropout ratio on the hidden layer (0 disables it).
         batchnorm: batch normalization on the hidden layer before ReLU.
+        seed: seed of the initial weights.
 
     ``forward(csr)`` takes a :class:`gradnet_cupy.kernels.CSR` with float32
     data and returns logits (rows x n_classes) as a Variable.
     """
 
     def __init__(self, block_sizes, hidden_sizes, n_classes,
-                 wiring='diagonal', dropout=0.0, batchnorm=False):
+                 wiring='diagonal', dropout=0.0, batchnorm=False, seed=0):
         super().__init__()
         block_sizes = [int(s) for s in block_sizes]
         hidden_sizes = [int(h) for h in hidden_sizes]
@@ -135,17 +138,21 @@ class GradNet(chainer.Chain):
         self.wiring = wiring
         self.dropout = float(dropout)
         self.ranges = column_ranges(block_sizes, wiring)
+        self.seed = int(seed)
+        rng = np.random.RandomState(self.seed)
         with self.init_scope():
             for b, ((start, stop), h) in enumerate(
                     zip(self.ranges, hidden_sizes)):
                 scale = np.sqrt(2.0 / (stop - start))
-                initializer = chainer.initializers.Normal(scale)
+                initializer = chainer.initializers.Normal(scale, rng=rng)
                 setattr(self, f'W{b}', chainer.Parameter(
                     initializer, (h, stop - start)))
                 setattr(self, f'b{b}', chainer.Parameter(0.0, (h,)))
             if batchnorm:
                 self.bn = L.BatchNormalization(sum(hidden_sizes))
-            self.out = L.Linear(sum(hidden_sizes), self.n_classes)
+            self.out = L.Linear(
+                sum(hidden_sizes), self.n_classes,
+                initialW=chainer.initializers.LeCunNormal(rng=rng))
 
     @property
     def n_columns(self):
@@ -156,7 +163,8 @@ class GradNet(chainer.Chain):
         return {'block_sizes': self.block_sizes,
                 'hidden_sizes': self.hidden_sizes,
                 'n_classes': self.n_classes, 'wiring': self.wiring,
-                'dropout': self.dropout, 'batchnorm': hasattr(self, 'bn')}
+                'dropout': self.dropout, 'batchnorm': hasattr(self, 'bn'),
+                'seed': self.seed}
 
     def hidden(self, csr):
         """The hidden layer (rows x sum(hidden_sizes)) before the output."""
@@ -333,3 +341,116 @@ def load_gradnet(folder):
     model = GradNet(**info['config'])
     load_snapshot(model, os.path.join(folder, 'gradnet.npz'))
     return model, normalizer, info
+
+
+def build_gradnet(block_sizes, n_classes, hidden=None, hidden_total=130,
+                  **options):
+    """A GradNet with ``hidden`` units per block (a list), or
+    ``hidden_total`` units split in proportion to the block sizes.
+    ``options``: wiring, dropout, batchnorm, seed."""
+    if hidden is None:
+        hidden = proportional_hidden_sizes(block_sizes, hidden_total)
+    return GradNet(block_sizes, hidden, n_classes, **options)
+
+
+def store_evaluator(model, test_store, normalizer, device, batch=100):
+    """``() -> accuracy`` of ``model`` on a test store (all candidates of
+    each sample read together)."""
+    def evaluate_test():
+        batches = ((to_device_csr(b.csr, device), b.sample, b.target)
+                   for b in test_store.iter_batches(batch,
+                                                    group_by_sample=True))
+        return evaluate(model, batches, normalizer)[0]
+    return evaluate_test
+
+
+def to_device_csr(csr, device):
+    """The CSR with its arrays on ``device`` ('cpu' or 'gpu')."""
+    return CSR(to_device(csr.indptr, device), to_device(csr.indices, device),
+               to_device(csr.data, device), csr.shape)
+
+
+def store_batches(store, normalizer, batch, seed, device):
+    """``epoch -> iterator of (normalized csr, target)`` over a training
+    store, shuffled per epoch from ``seed``."""
+    def epoch_batches(epoch):
+        for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch):
+            yield (normalizer(to_device_csr(b.csr, device)),
+                   to_device(b.target.astype(np.int32), device))
+    return epoch_batches
+
+
+def store_classes(store):
+    """The number of classes recorded in a store's provenance."""
+    try:
+        return int(store.provenance['n_classes'])
+    except KeyError:
+        raise GradnetError(f'{store.path}: the store does not record '
+                           'n_classes (extract it again)') from None
+
+
+def online_batches(base, layout, data, q, normalizer, batch, seed, device):
+    """Algorithm 1 of the paper without a store: ``epoch -> iterator of
+    (normalized csr, target)``, each batch of the gradnet split freshly
+    augmented (the dataset's train transform), given new random candidates,
+    extracted and sparsified."""
+    x, y = data.gradnet
+
+    def epoch_batches(epoch):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(x))
+        candidates = rng.integers(0, data.n_classes, size=len(x))
+        for csr, _, _, target in iter_sparse_tangents(
+                base, x[order], y[order], candidates.astype(np.int32), q,
+                layout, device, lambda v: data.train_transform(v, rng),
+                batch):
+            yield normalizer(csr), target
+    return epoch_batches
+
+
+def online_column_stats(base, layout, data, q, seed, device, batch=64):
+    """Column statistics of the gradnet split's sparse tangents (random
+    candidates from ``seed``, eval transform): what the online trainer's
+    normalizer is fitted on."""
+    x, y = data.gradnet
+    candidates = candidate_plan('random', y, data.n_classes, seed)
+    stats = ColumnStats(layout.n_params)
+    for csr, *_ in iter_sparse_tangents(base, x, y, candidates, q, layout,
+                                        device, data.eval_transform, batch):
+        stats.add(csr)
+    return stats.as_dict()
+
+
+def online_evaluator(model, base, layout, data, q, normalizer, device,
+                     batch=64):
+    """``() -> accuracy`` on the test split, its tangents (all candidates)
+    extracted on the fly."""
+    x, y = data.test
+
+    def evaluate_test():
+        batches = ((csr, sample, target) for csr, sample, _, target in
+                   iter_sparse_tangents(base, x, y, None, q, layout, device,
+                                        data.eval_transform, batch))
+        return evaluate(model, batches, normalizer)[0]
+    return evaluate_test
+
+
+def save_learning_curve(history, path):
+    """Plot test accuracy and train loss against iterations into a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    iterations = [h['iteration'] for h in history]
+    fig, accuracy_axis = plt.subplots(figsize=(6, 4))
+    accuracy_axis.plot(iterations, [h['test_accuracy'] for h in history],
+                       'o-', color='tab:blue', label='test accuracy')
+    accuracy_axis.set_xlabel('iteration')
+    accuracy_axis.set_ylabel('test accuracy (all candidates)')
+    loss_axis = accuracy_axis.twinx()
+    loss_axis.plot(iterations, [h['train_loss'] for h in history], 's--',
+                   color='tab:red', label='train loss')
+    loss_axis.set_ylabel('train loss')
+    fig.legend(loc='lower center', ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
