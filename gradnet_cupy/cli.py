@@ -8,17 +8,27 @@ traceback. With ``--json`` a command prints exactly one JSON line on stdout.
 """
 import functools
 import json
+import os
 import sys
 import tempfile
 
 import click
+import numpy as np
 
 from gradnet_cupy import __version__
 from gradnet_cupy.backend import DEVICES, resolve_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.models import MODELS
-from gradnet_cupy.train_base import OPTIMIZERS, train_base
+from gradnet_cupy import gradnet
+from gradnet_cupy.extract import (
+    CANDIDATE_MODES, SPLITS, extract_to_store, model_provenance, parse_shard)
+from gradnet_cupy.models import MODELS, build_model, to_device
+from gradnet_cupy.normalize import METHODS, Normalizer
+from gradnet_cupy.store import (
+    COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
+from gradnet_cupy.tangent import ParameterLayout, parameter_layout
+from gradnet_cupy.train_base import (
+    OPTIMIZERS, load_base, load_snapshot, train_base)
 
 
 # click >= 8.2 raises this for a bare group call; older click exits itself.
@@ -78,6 +88,35 @@ def report(as_json, summary, line):
     click.echo(json.dumps(summary) if as_json else line)
 
 
+def option_group(*options):
+    """One decorator applying several click options, in the given order."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+dataset_options = option_group(
+    click.option('--dataset', type=click.Choice(DATASETS), default='mnist',
+                 show_default=True),
+    click.option('--data-dir', default=None,
+                 help="Dataset folder, or 'download' for Chainer's "
+                      'downloader. Default: the embedded 5,000 MNIST digits '
+                      '(mnist), /usr/share/datasets/fashion-mnist.'),
+    click.option('--subset', type=int, default=None,
+                 help='Keep only the first N samples of every split.'))
+
+base_model_options = option_group(
+    click.option('--model', 'snapshot', required=True,
+                 type=click.Path(exists=True, dir_okay=False),
+                 help='Base network snapshot (train-base writes them).'),
+    click.option('--arch', type=click.Choice(list(MODELS)), default='cnn',
+                 show_default=True, help='Architecture of the snapshot.'),
+    click.option('--q', type=float, default=85.0, show_default=True,
+                 help='Per-layer sparsification percentile, in (0, 100).'))
+
+
 @click.group(cls=Group)
 @click.version_option(__version__)
 def main():
@@ -85,12 +124,7 @@ def main():
 
 
 @main.command('train-base')
-@click.option('--dataset', type=click.Choice(DATASETS), default='mnist',
-              show_default=True)
-@click.option('--data-dir', default=None,
-              help="Dataset folder, or 'download' for Chainer's downloader. "
-                   'Default: the embedded 5,000 MNIST digits (mnist), '
-                   '/usr/share/datasets/fashion-mnist (fashion-mnist).')
+@dataset_options
 @click.option('--model', type=click.Choice(list(MODELS)), default='cnn',
               show_default=True)
 @click.option('--epochs', type=int, default=10, show_default=True)
@@ -104,8 +138,6 @@ def main():
 @click.option('--stop-at-accuracy', type=float, default=None,
               help='Stop after the first epoch whose test accuracy reaches '
                    'this (for weakly trained bases).')
-@click.option('--subset', type=int, default=None,
-              help='Keep only the first N samples of every split.')
 @click.option('--out', required=True, type=click.Path(file_okay=False),
               help='Folder for snapshots, snapshots.json and base.json.')
 @click.option('--overwrite', is_flag=True,
@@ -127,24 +159,304 @@ def train_base_command(dataset, data_dir, model, subset, device, seed,
            f"{len(data.test[1])} test images); snapshots in {summary['out']}")
 
 
-@main.command()
-@click.option('--epochs', type=int, default=2, show_default=True)
-@click.option('--out', default=None, type=click.Path(file_okay=False),
-              help='Keep the snapshots here (default: a temporary folder).')
-@common_options
-def demo(epochs, out, device, seed, as_json):
-    """Run the pipeline on the embedded MNIST (5,000 digits, CPU minutes).
+def load_base_model(snapshot, arch, data, device):
+    """The base network of ``arch`` for ``data`` with ``snapshot`` loaded,
+    on ``device``, and its default parameter layout."""
+    model = load_snapshot(build_model(arch, data.in_shape, data.n_classes),
+                          snapshot)
+    model = to_device(model, device)
+    return model, parameter_layout(model)
 
-    For now: trains the base CNN on the 2,000 base digits and prints its
-    accuracy on the 1,000 test digits.
+
+@main.command()
+@base_model_options
+@dataset_options
+@click.option('--split', type=click.Choice(SPLITS), default='gradnet',
+              show_default=True)
+@click.option('--candidates', type=click.Choice(CANDIDATE_MODES),
+              default='random', show_default=True,
+              help='random: one uniform candidate per sample (training '
+                   'data); all: one row per class (test data); true: the '
+                   'label.')
+@click.option('--out', required=True, type=click.Path(dir_okay=False),
+              help='The HDF5 store to write (resumed if a run was killed).')
+@click.option('--shard', default=None,
+              help='i/n: extract only the i-th of n disjoint slices.')
+@click.option('--batch', type=int, default=64, show_default=True,
+              help='Samples per tangent computation.')
+@click.option('--compression', type=click.Choice(COMPRESSIONS),
+              default=DEFAULT_COMPRESSION, show_default=True,
+              help='gzip: smallest, any HDF5 reader; lzf: faster to write; '
+                   'none: fastest to read, twice the size.')
+@common_options
+def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
+            out, shard, batch, compression, device, seed, as_json):
+    """Extract sparse tangent features of one split into an HDF5 store.
+
+    Re-running the same command after a crash resumes where the last
+    complete batch ended; a store of a different extraction is refused.
+    """
+    data = load_dataset(dataset, data_dir, subset)
+    model, layout = load_base_model(snapshot, arch, data, device)
+    provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
+                                  subset)
+    summary = extract_to_store(
+        model, layout, getattr(data, split), data.n_classes, out, provenance,
+        candidates=candidates, q=q, shard=parse_shard(shard), seed=seed,
+        device=device, transform=data.eval_transform, batch=batch,
+        progress=not as_json, compression=compression)
+    report(as_json, summary,
+           f"{summary['rows']} rows x {summary['n_columns']} columns, "
+           f"density {summary['density']:.4f}, in {summary['path']}")
+
+
+@main.command()
+@click.argument('shards', nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.option('--out', required=True, type=click.Path(dir_okay=False))
+@common_options
+def merge(shards, out, device, seed, as_json):
+    """Join the completed shards of one extraction into one store."""
+    merge_stores(list(shards), out)
+    with TangentStore.open(out) as store:
+        summary = {'path': out, 'rows': len(store), 'nnz': store.nnz}
+    report(as_json, summary, f"{summary['rows']} rows merged into {out}")
+
+
+def parse_hidden(text):
+    if text is None:
+        return None
+    try:
+        return [int(h) for h in text.split(',')]
+    except ValueError:
+        raise GradnetError(f'--hidden {text!r} is not a comma-separated list '
+                           'of integers') from None
+
+
+@main.command()
+@click.option('--train', 'train_path', type=click.Path(exists=True),
+              help='Training store (extract --split gradnet).')
+@click.option('--test', 'test_path', type=click.Path(exists=True),
+              help='Test store (extract --split test --candidates all).')
+@click.option('--online', is_flag=True,
+              help='Algorithm 1: extract each batch on the fly (augmented, '
+                   'new random candidates), no store. Needs --model.')
+@click.option('--model', 'snapshot', type=click.Path(exists=True,
+                                                     dir_okay=False),
+              help='Base snapshot, with --online.')
+@click.option('--arch', type=click.Choice(list(MODELS)), default='cnn',
+              show_default=True, help='With --online.')
+@click.option('--q', type=float, default=85.0, show_default=True,
+              help='With --online.')
+@dataset_options
+@click.option('--normalize', type=click.Choice(METHODS),
+              default='scale_power', show_default=True)
+@click.option('--power', type=float, default=0.5, show_default=True,
+              help='Exponent of --normalize power.')
+@click.option('--hidden', default=None,
+              help='Hidden units per block, e.g. 5,100,25.')
+@click.option('--hidden-total', type=int, default=130, show_default=True,
+              help='Without --hidden: this many units in proportion to the '
+                   'block sizes.')
+@click.option('--wiring', type=click.Choice(gradnet.WIRINGS),
+              default='diagonal', show_default=True)
+@click.option('--dropout', type=float, default=0.0, show_default=True)
+@click.option('--batchnorm', is_flag=True)
+@click.option('--optimizer', type=click.Choice(gradnet.OPTIMIZERS),
+              default='sgd', show_default=True)
+@click.option('--lr', type=float, default=0.01, show_default=True)
+@click.option('--momentum', type=float, default=0.9, show_default=True)
+@click.option('--weight-decay', type=float, default=0.0, show_default=True)
+@click.option('--batch', type=int, default=25, show_default=True)
+@click.option('--epochs', type=int, default=10, show_default=True)
+@click.option('--eval-every', type=int, default=None,
+              help='Evaluate every N iterations (default: every epoch; 0: '
+                   'only at the end).')
+@click.option('--out', required=True, type=click.Path(file_okay=False),
+              help='Folder for gradnet.npz, normalizer.npz, gradnet.json '
+                   '(settings and metrics) and learning_curve.png.')
+@common_options
+def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
+        subset, normalize, power, hidden, hidden_total, wiring, dropout,
+        batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
+        eval_every, out, device, seed, as_json):
+    """Train GradNet on tangent features and evaluate it (all candidates)."""
+    net_options = dict(hidden=parse_hidden(hidden), hidden_total=hidden_total,
+                       wiring=wiring, dropout=dropout, batchnorm=batchnorm,
+                       seed=seed)
+    train_options = dict(optimizer=optimizer, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, batch=batch,
+                         epochs=epochs, eval_every=eval_every, seed=seed)
+    if online:
+        if snapshot is None:
+            raise GradnetError('--online needs --model SNAPSHOT')
+        data = load_dataset(dataset, data_dir, subset)
+        base, layout = load_base_model(snapshot, arch, data, device)
+        model, normalizer, history = fit_online(
+            base, layout, data, q, normalize, power, net_options,
+            train_options, device, progress=not as_json)
+        source = {'online': True, 'model': snapshot, 'arch': arch,
+                  'dataset': dataset, 'q': q}
+    else:
+        if train_path is None or test_path is None:
+            raise GradnetError('fit needs --train and --test stores '
+                               '(or --online --model SNAPSHOT)')
+        model, normalizer, history = fit_stores(
+            train_path, test_path, normalize, power, net_options,
+            train_options, device, progress=not as_json)
+        source = {'train': train_path, 'test': test_path}
+    summary = save_fit(out, model, normalizer, history,
+                       dict(source, normalize=normalize, power=power,
+                            **train_options))
+    report(as_json, summary,
+           f"GradNet test accuracy {summary['test_accuracy']:.4f} "
+           f"(hidden {','.join(map(str, model.hidden_sizes))}); saved in "
+           f"{out}")
+
+
+def fit_stores(train_path, test_path, normalize, power, net_options,
+               train_options, device, progress):
+    """GradNet trained on a training store, evaluated on a test store:
+    ``(model, normalizer, history)``."""
+    with TangentStore.open(train_path) as train_store, \
+            TangentStore.open(test_path) as test_store:
+        block_sizes = ParameterLayout.from_dict(train_store.layout).block_sizes
+        normalizer = Normalizer.fit(normalize, train_store.column_stats(),
+                                    block_sizes, power)
+        model = gradnet.build_gradnet(
+            block_sizes, gradnet.store_classes(train_store), **net_options)
+        history = _train(
+            model, device, train_options,
+            gradnet.store_batches(train_store, normalizer,
+                                  train_options['batch'],
+                                  train_options['seed'], device),
+            gradnet.store_evaluator(model, test_store, normalizer, device),
+            progress)
+    return model, normalizer, history
+
+
+def fit_online(base, layout, data, q, normalize, power, net_options,
+               train_options, device, progress):
+    """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
+    history)``."""
+    seed = train_options['seed']
+    stats = gradnet.online_column_stats(base, layout, data, q, seed, device)
+    normalizer = Normalizer.fit(normalize, stats, layout.block_sizes, power)
+    model = gradnet.build_gradnet(layout.block_sizes, data.n_classes,
+                                  **net_options)
+    history = _train(
+        model, device, train_options,
+        gradnet.online_batches(base, layout, data, q, normalizer,
+                               train_options['batch'], seed, device),
+        gradnet.online_evaluator(model, base, layout, data, q, normalizer,
+                                 device),
+        progress)
+    return model, normalizer, history
+
+
+def _train(model, device, options, epoch_batches, evaluate_test, progress):
+    to_device(model, device)
+    optimizer = gradnet.make_optimizer(
+        model, options['optimizer'], options['lr'], options['momentum'],
+        options['weight_decay'])
+    return gradnet.train(model, optimizer, options['epochs'], epoch_batches,
+                         evaluate_test, options['eval_every'], progress)
+
+
+def save_fit(out, model, normalizer, history, settings):
+    """Save a fitted GradNet, its history and learning curve into ``out``;
+    returns the summary dict."""
+    summary = {'test_accuracy': history[-1]['test_accuracy'],
+               'hidden_sizes': model.hidden_sizes, 'out': out}
+    model.to_cpu()
+    gradnet.save_gradnet(out, model, normalizer,
+                         {'settings': settings, 'history': history,
+                          'summary': summary})
+    gradnet.save_learning_curve(history,
+                                os.path.join(out, 'learning_curve.png'))
+    return summary
+
+
+@main.command()
+@click.option('--gradnet', 'folder', required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help='Folder written by fit.')
+@click.option('--test', 'test_path', required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help='Test store with all candidates.')
+@common_options
+def evaluate(folder, test_path, device, seed, as_json):
+    """Accuracy and confusion matrix of a saved GradNet on a test store."""
+    model, normalizer, _ = gradnet.load_gradnet(folder)
+    model = to_device(model, device)
+    with TangentStore.open(test_path) as store:
+        batches = ((gradnet.to_device_csr(b.csr, device), b.sample, b.target)
+                   for b in store.iter_batches(100, group_by_sample=True))
+        accuracy, _, predicted, truth = gradnet.evaluate(model, batches,
+                                                         normalizer)
+    n = model.n_classes
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    summary = {'test_accuracy': accuracy, 'samples': int(truth.size),
+               'confusion': confusion.tolist()}
+    report(as_json, summary,
+           f'GradNet test accuracy {accuracy:.4f} on {truth.size} samples\n'
+           'confusion matrix (rows: true class, columns: predicted):\n'
+           + '\n'.join(' '.join(f'{v:5d}' for v in row) for row in confusion))
+
+
+@main.command()
+@click.option('--base-epochs', type=int, default=1, show_default=True,
+              help='Epochs of the (weak) base CNN.')
+@click.option('--epochs', type=int, default=3, show_default=True,
+              help='GradNet epochs.')
+@click.option('--out', default=None, type=click.Path(file_okay=False),
+              help='Keep snapshots, stores and GradNet here (default: a '
+                   'temporary folder).')
+@common_options
+def demo(base_epochs, epochs, out, device, seed, as_json):
+    """The whole pipeline on the embedded MNIST, in CPU minutes.
+
+    Trains the base CNN briefly on the 2,000 base digits, extracts sparse
+    tangent features of the 2,000 gradnet digits (one random candidate) and
+    of the 1,000 test digits (all 10 candidates), fits GradNet and prints
+    base vs GradNet test accuracy.
     """
     data = load_dataset('mnist')
+    progress = not as_json
     with tempfile.TemporaryDirectory(prefix='gradnet-demo-') as tmp:
-        summary = train_base(data, 'cnn', out or tmp, epochs=epochs,
-                             seed=seed, device=device, overwrite=True)
-    report(as_json, {'base_test_accuracy': summary['test_accuracy'],
-                     'epochs': summary['epochs_run'], 'device': device},
-           f"demo: base CNN on the embedded MNIST ({len(data.base[1])} "
-           f"training / {len(data.test[1])} test digits), "
-           f"{summary['epochs_run']} epochs: test accuracy "
-           f"{summary['test_accuracy']:.4f}")
+        folder = out or tmp
+        base_folder = os.path.join(folder, 'base')
+        base_summary = train_base(data, 'cnn', base_folder,
+                                  epochs=base_epochs, seed=seed,
+                                  device=device, overwrite=True,
+                                  progress=progress)
+        base, _, record = load_base(base_folder, device=device)
+        layout = parameter_layout(base)
+        stores = {}
+        for split, candidates in (('gradnet', 'random'), ('test', 'all')):
+            stores[split] = os.path.join(folder, f'{split}.h5')
+            extract_to_store(
+                base, layout, getattr(data, split), data.n_classes,
+                stores[split],
+                model_provenance(record['path'], 'cnn', 'mnist', split),
+                candidates=candidates, seed=seed, device=device,
+                progress=progress, compression='lzf')
+        model, normalizer, history = fit_stores(
+            stores['gradnet'], stores['test'], 'scale_power', 0.5,
+            dict(seed=seed), dict(optimizer='sgd', lr=0.01, momentum=0.9,
+                                  weight_decay=0.0, batch=25, epochs=epochs,
+                                  eval_every=0, seed=seed),
+            device, progress)
+        if out:
+            save_fit(os.path.join(out, 'gradnet'), model, normalizer, history,
+                     {'demo': True})
+    summary = {'base_test_accuracy': base_summary['test_accuracy'],
+               'gradnet_test_accuracy': history[-1]['test_accuracy'],
+               'base_epochs': base_summary['epochs_run'],
+               'gradnet_epochs': epochs, 'device': device}
+    report(as_json, summary,
+           f"demo on the embedded MNIST (2,000 base / 2,000 gradnet / 1,000 "
+           f"test digits): base CNN after {summary['base_epochs']} epoch(s) "
+           f"{summary['base_test_accuracy']:.4f}, GradNet after {epochs} "
+           f"epoch(s) {summary['gradnet_test_accuracy']:.4f}")

@@ -14,10 +14,11 @@ produces exactly the rows of an uninterrupted one.
 import numpy as np
 from tqdm import tqdm
 
-from gradnet_cupy.backend import to_device
+from gradnet_cupy.backend import get_array_module, to_device
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import percentile_sparsify
-from gradnet_cupy.store import TangentStore, file_sha256
+from gradnet_cupy.kernels.csr import vstack
+from gradnet_cupy.store import DEFAULT_COMPRESSION, TangentStore, file_sha256
 from gradnet_cupy.tangent import iter_tangent_features
 
 CANDIDATE_MODES = ('random', 'all', 'true')
@@ -38,12 +39,16 @@ def parse_shard(text):
     return index, count
 
 
-def shard_range(n_samples, shard):
-    """The ``(start, stop)`` samples of shard ``(i, n)``: near-equal,
-    disjoint, contiguous slices covering ``range(n_samples)``."""
+def shard_range(n_samples, shard, batch):
+    """The ``(start, stop)`` samples of shard ``(i, n)``: disjoint,
+    contiguous slices covering ``range(n_samples)``, cut at multiples of
+    ``batch`` so that every shard computes the same sample batches as an
+    unsharded run (and so the same bits)."""
     index, count = shard
-    bounds = np.linspace(0, n_samples, count + 1).astype(np.int64)
-    return int(bounds[index]), int(bounds[index + 1])
+    n_batches = -(-n_samples // batch)
+    bounds = np.linspace(0, n_batches, count + 1).astype(np.int64) * batch
+    return (min(int(bounds[index]), n_samples),
+            min(int(bounds[index + 1]), n_samples))
 
 
 def candidate_plan(mode, labels, n_classes, seed):
@@ -75,9 +80,11 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
             each host batch (the dataset's eval transform).
         batch: samples per tangent computation.
 
-    Yields ``(csr, sample, candidate, target)`` on ``device``: a CSR of
-    float32 features (rows x n_params), int64 sample indices into ``x``,
-    and the int32 candidate and true label of each row.
+    Yields, per batch of samples, ``(csr, sample, candidate, target)`` on
+    ``device``: a CSR of float32 features (rows x n_params), int64 sample
+    indices into ``x``, and the int32 candidate and true label of each row.
+    A batch's rows depend only on its samples, so a run started at a batch
+    boundary reproduces the bits of one started earlier.
     """
     stop = len(x) if stop is None else stop
     for first in range(start, stop, batch):
@@ -86,39 +93,52 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
         yb = to_device(labels[first:last], device)
         cb = 'all' if candidates is None else to_device(
             candidates[first:last], device)
-        for chunk in iter_tangent_features(model, xb, yb, cb, layout=layout):
-            csr = percentile_sparsify(chunk.features, layout.block_sizes, q)
-            yield csr, chunk.sample + first, chunk.candidate, chunk.target
+        chunks = [(percentile_sparsify(c.features, layout.block_sizes, q),
+                   c.sample, c.candidate, c.target)
+                  for c in iter_tangent_features(model, xb, yb, cb,
+                                                 layout=layout)]
+        csrs, samples, candidates_, targets = zip(*chunks)
+        xp = get_array_module(samples[0])
+        yield (vstack(csrs), xp.concatenate(samples) + first,
+               xp.concatenate(candidates_), xp.concatenate(targets))
 
 
 def extract_to_store(model, layout, split_data, n_classes, out, provenance,
                      candidates='random', q=85.0, shard=(0, 1), seed=0,
-                     device='cpu', transform=None, batch=64, progress=True):
+                     device='cpu', transform=None, batch=64, progress=True,
+                     compression=DEFAULT_COMPRESSION):
     """Extract one split into the store ``out``; resumes a killed run.
 
     ``split_data``: ``(x, y)`` host arrays of the split. ``provenance``: what
     identifies this extraction beside the arguments here (dataset, split,
     model checksum, ...); a store at ``out`` from a different extraction is
-    refused. Returns a summary dict (rows, nnz, path, ...).
+    refused. ``compression``: the store's ('gzip', 'lzf' or 'none').
+    Returns a summary dict (rows, nnz, path, ...).
     """
+    if not 0 < q < 100:
+        raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
     x, y = split_data
-    start, stop = shard_range(len(x), shard)
+    start, stop = shard_range(len(x), shard, batch)
     rows_per_sample = n_classes if candidates == 'all' else 1
     plan = candidate_plan(candidates, y, n_classes, seed)
     provenance = dict(provenance, q=float(q), n_classes=int(n_classes),
                       candidates=candidates, seed=int(seed),
-                      shard=f'{shard[0]}/{shard[1]}',
-                      samples=[start, stop])
+                      shard=list(shard))
     writer = TangentStore.create_or_resume(
         out, layout.n_params, layout.to_dict(), provenance,
-        total_rows=(stop - start) * rows_per_sample)
+        total_rows=(stop - start) * rows_per_sample, compression=compression)
     done_rows = writer.n_rows
     if done_rows % rows_per_sample:
         raise GradnetError(f'{out}: {done_rows} committed rows are not whole '
                            f'samples of {rows_per_sample} rows')
     resume_at = start + done_rows // rows_per_sample
+    if (resume_at - start) % batch and resume_at != stop:
+        raise GradnetError(f'{out}: {done_rows} committed rows do not end at '
+                           f'a batch of {batch} samples: re-run with the '
+                           'same --batch')
     bar = tqdm(total=(stop - start) * rows_per_sample, initial=done_rows,
-               unit='rows', disable=not progress, desc='extract')
+               unit='rows', disable=None if progress else True,
+               desc='extract')
     with writer:
         for csr, sample, candidate, target in iter_sparse_tangents(
                 model, x, y, plan, q, layout, device,

@@ -282,7 +282,8 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
     ``epoch_batches(epoch)`` yields ``(csr, target)`` training batches
     (already normalized, on the model's device); ``evaluate_test()`` returns
     the test accuracy. The test set is evaluated every ``eval_every``
-    iterations (None: after every epoch) and at the end. Returns the history:
+    iterations (None: after every epoch; 0: only at the end) and at the
+    end. Returns the history:
     a list of ``{iteration, epoch, train_loss, test_accuracy}`` dicts, where
     ``train_loss`` is the mean batch loss since the previous evaluation.
     """
@@ -301,14 +302,15 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
                        file=sys.stderr)
 
     for epoch in range(1, epochs + 1):
-        for csr, target in tqdm(epoch_batches(epoch), disable=not progress,
+        for csr, target in tqdm(epoch_batches(epoch),
+                                disable=None if progress else True,
                                 desc=f'epoch {epoch}', unit='batch',
                                 leave=False):
             losses.append(train_step(model, optimizer, csr, target))
             iteration += 1
             if eval_every and iteration % eval_every == 0:
                 record(epoch)
-        if not eval_every:
+        if eval_every is None:
             record(epoch)
     if not history or history[-1]['iteration'] != iteration:
         record(epochs)
