@@ -69,7 +69,7 @@ def test_stream_argument():
     stream = cupy.cuda.Stream(non_blocking=True)
     result = percentile_sparsify(cupy.asarray(g), [1000, 5000], stream=stream)
     stream.synchronize()
-    assert cupy.cuda.get_current_stream() == before
+    assert cupy.cuda.get_current_stream().ptr == before.ptr
     assert_csr_identical(on_host(result), percentile_sparsify(g, [1000, 5000]))
 
 
