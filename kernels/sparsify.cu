@@ -1,9 +1,10 @@
 // Per-(row, segment) percentile sparsification into CSR.
 //
-// The specification is the NumPy reference in sparsify.py: for every row r and
-// segment s of g (rows x n_cols, float32, C order) keep the entries whose
-// |g| > threshold, where threshold = np.percentile(|g_rs| as float64, q)
-// (NumPy's default 'linear' method).  The launch sequence (in sparsify.py):
+// The specification is in sparsify.py: for every row r and segment s of g
+// (rows x n_cols, float32, C order) keep the entries whose |g| > threshold,
+// where threshold = np.percentile(|g_rs| as float64, q) (NumPy's default
+// 'linear' method).  The output must equal the NumPy path's bit for bit.
+// The launch sequence (sparsify_launch_sequence in sparsify.py):
 //
 //   1. percentile_select  one block per (row, segment) task: finds the two
 //      order statistics the percentile interpolates between by an exact radix
@@ -24,6 +25,9 @@
 // interval) and no entry lies strictly between a and b.  So
 // "|v| > thr" is "key(v) > key(a)" when thr < b and "key(v) > key(b)" when
 // thr == b: the kernels never compare floats.
+//
+// Memory traffic: the select kernel reads its segment three times (one pass
+// per radix digit), the compaction once more.
 //
 // Requirements of the launch: blockDim.x a power of two <= 1024; every
 // segment length >= 1 and < 2^31.  No warp intrinsics are used, so the
