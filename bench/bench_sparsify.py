@@ -151,11 +151,16 @@ def run_case(name, sizes, rows, device, timer, bandwidth, check):
         return dict(timing, GBps=gbps, fraction_of_bandwidth=gbps / bandwidth)
 
     ours = summary(timer(lambda: percentile_sparsify(g, sizes, Q)))
-    others = {alt: summary(timer(lambda f=f: f(g, sizes)))
-              for alt, f in alternatives(device).items()}
+    others, failed = {}, {}
+    for alt, f in alternatives(device).items():
+        try:
+            others[alt] = summary(timer(lambda f=f: f(g, sizes)))
+        except Exception as error:  # e.g. out of memory: record, go on
+            failed[alt] = f'{type(error).__name__}: {error}'
     best = min(others, key=lambda alt: others[alt]['median_s'])
     result = {'case': name, 'rows': rows, 'sizes': sizes, 'q': Q, 'bytes_of_g': nbytes,
               'percentile_sparsify': ours, 'alternatives': others,
+              'failed_alternatives': failed,
               'best_alternative': best,
               'time_vs_best_alternative': ours['median_s'] / others[best]['median_s'],
               'min_time_vs_best_alternative': ours['min_s'] / others[best]['min_s']}

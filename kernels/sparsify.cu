@@ -1,9 +1,10 @@
 // Per-(row, segment) percentile sparsification into CSR.
 //
-// The specification is the NumPy reference in sparsify.py: for every row r and
-// segment s of g (rows x n_cols, float32, C order) keep the entries whose
-// |g| > threshold, where threshold = np.percentile(|g_rs| as float64, q)
-// (NumPy's default 'linear' method).  The launch sequence (in sparsify.py):
+// The specification is in sparsify.py: for every row r and segment s of g
+// (rows x n_cols, float32, C order) keep the entries whose |g| > threshold,
+// where threshold = np.percentile(|g_rs| as float64, q) (NumPy's default
+// 'linear' method).  The output must equal the NumPy path's bit for bit.
+// The launch sequence (sparsify_launch_sequence in sparsify.py):
 //
 //   1. percentile_select  one block per (row, segment) task: finds the two
 //      order statistics the percentile interpolates between by an exact radix
@@ -25,6 +26,9 @@
 // "|v| > thr" is "key(v) > key(a)" when thr < b and "key(v) > key(b)" when
 // thr == b: the kernels never compare floats.
 //
+// Memory traffic: the select kernel reads its segment three times (one pass
+// per radix digit), the compaction once more.
+//
 // Requirements of the launch: blockDim.x a power of two <= 1024; every
 // segment length >= 1 and < 2^31.  No warp intrinsics are used, so the
 // source also runs on the CPU through tests/cuda_emulation.
@@ -32,8 +36,10 @@
 #define MAX_BLOCK 1024
 #define TOP_BINS 2048      // radix digits: key bits 30..20, 19..10, 9..0
 #define COMPACT_ITEMS 8    // consecutive entries per thread in the compaction
+#define LOADS 4            // loads in flight per thread in the select passes
 #define KEY_MASK 0x7FFFFFFFu
 #define NONFINITE_KEY 0x7F800000u
+#define NO_KEY 0xFFFFFFFFu  // past the end of the segment (keys are < 2^31)
 
 __device__ __forceinline__ unsigned int abs_key(float v) {
     return __float_as_uint(v) & KEY_MASK;
@@ -160,6 +166,7 @@ extern "C" __global__ void percentile_select(
     unsigned int equal[2] = {0u, 0u};
     bool nonfinite = false;
     const int shifts[4] = {31, 20, 10, 0};
+#pragma unroll  // constant shifts, and the per-target arrays in registers
     for (int level = 0; level < 3; ++level) {
         const int prefix_shift = shifts[level];
         const int shift = shifts[level + 1];
@@ -169,15 +176,26 @@ extern "C" __global__ void percentile_select(
             hist[i / TOP_BINS][i % TOP_BINS] = 0u;
         }
         __syncthreads();
-        for (unsigned int i = tid; i < task.len; i += blockDim.x) {
-            const unsigned int key = abs_key(task.x[i]);
-            if (level == 0) nonfinite |= key >= NONFINITE_KEY;
-            const unsigned int top = key >> prefix_shift;  // 0 at level 0
-            const unsigned int digit = (key >> shift) & (nbins - 1);
-            if (top == prefix[0]) atomicAdd(&hist[0][digit], 1u);
-            if (!one_hist && top == prefix[1]) atomicAdd(&hist[1][digit], 1u);
+        for (unsigned int base = 0; base < task.len; base += LOADS * blockDim.x) {
+            unsigned int keys[LOADS];  // coalesced, independent loads first
+#pragma unroll
+            for (int j = 0; j < LOADS; ++j) {
+                const unsigned int i = base + j * blockDim.x + tid;
+                keys[j] = i < task.len ? abs_key(task.x[i]) : NO_KEY;
+            }
+#pragma unroll
+            for (int j = 0; j < LOADS; ++j) {
+                const unsigned int key = keys[j];
+                if (key == NO_KEY) continue;
+                if (level == 0) nonfinite |= key >= NONFINITE_KEY;
+                const unsigned int top = key >> prefix_shift;  // 0 at level 0
+                const unsigned int digit = (key >> shift) & (nbins - 1);
+                if (top == prefix[0]) atomicAdd(&hist[0][digit], 1u);
+                if (!one_hist && top == prefix[1]) atomicAdd(&hist[1][digit], 1u);
+            }
         }
         __syncthreads();
+#pragma unroll
         for (int t = 0; t < 2; ++t) {
             select_bin(hist[one_hist ? 0 : t], nbins, rank[t], buf, found);
             prefix[t] = (prefix[t] << (prefix_shift - shift)) | found[0];
@@ -197,9 +215,13 @@ extern "C" __global__ void percentile_select(
         const double threshold =
             gamma >= 0.5 ? __dsub_rn(b, __dmul_rn(diff, __dsub_rn(1.0, gamma)))
                          : __dadd_rn(a, __dmul_rn(diff, gamma));
-        const int t = threshold < b ? 0 : 1;
-        keep_above[blockIdx.x] = prefix[t];
-        counts[blockIdx.x] = (long long)(task.len - below[t] - equal[t]);
+        // bound a when threshold < b, else b (selects keep the per-target
+        // arrays in registers)
+        const bool bound_a = threshold < b;
+        keep_above[blockIdx.x] = bound_a ? prefix[0] : prefix[1];
+        const unsigned int at_most_bound =
+            bound_a ? below[0] + equal[0] : below[1] + equal[1];
+        counts[blockIdx.x] = (long long)(task.len - at_most_bound);
     }
 }
 
@@ -227,8 +249,10 @@ extern "C" __global__ void percentile_compact(
 
     for (unsigned int base = 0; base < task.len; base += tile_len) {
         const unsigned int m = min(tile_len, task.len - base);
-        for (unsigned int i = tid; i < m; i += blockDim.x) {  // coalesced
-            tile[PADDED(i)] = __float_as_uint(task.x[base + i]);
+#pragma unroll
+        for (int j = 0; j < COMPACT_ITEMS; ++j) {  // coalesced
+            const unsigned int i = j * blockDim.x + tid;
+            if (i < m) tile[PADDED(i)] = __float_as_uint(task.x[base + i]);
         }
         __syncthreads();
         const unsigned int first = tid * COMPACT_ITEMS;

@@ -47,6 +47,7 @@ from gradnet_cupy.kernels.csr import CSR
 CUDA_SOURCE = 'sparsify.cu'
 GPU_BLOCK = 512  # threads per block of both sparsify kernels on the GPU
 MAX_COLUMNS = 2**31 - 1  # CSR indices are int32
+CHUNK_BYTES = 16 << 20  # the NumPy path works through g in blocks of rows
 NONFINITE_MESSAGE = ('g contains NaN or Inf: sparsification needs finite '
                      'gradients')
 
@@ -62,7 +63,8 @@ def percentile_sparsify(g, sizes, q=85.0, stream=None):
     sizes: host sequence of positive ints summing to n, the segment lengths.
     q: percentile, 0 < q < 100 (taken as a Python float).
     stream: CuPy stream for the GPU path (default: the current stream);
-        ignored for NumPy input.
+        the kernels are queued on it and the host waits for it once (to
+        size the output). Ignored for NumPy input.
 
     Returns a :class:`CSR` of shape (rows, n) on g's device: ``indptr``
     int64 (rows + 1,), ``indices`` int32 ascending within each row, ``data``
@@ -130,7 +132,24 @@ def interpolate(a, b, gamma):
 
 def _sparsify_numpy(g, starts, quantile):
     """The NumPy implementation. g: (rows, n) float32 NumPy; starts from
-    :func:`segment_offsets`; quantile = q / 100."""
+    :func:`segment_offsets`; quantile = q / 100. Works through blocks of
+    about CHUNK_BYTES of g, so temporaries stay small and cache-warm."""
+    rows, n = g.shape
+    step = max(1, CHUNK_BYTES // (4 * n))
+    parts = [_sparsify_rows(g[first:first + step], starts, quantile)
+             for first in range(0, rows, step)]
+    indptr = np.zeros(rows + 1, dtype=np.int64)
+    if not parts:
+        return CSR(indptr, np.empty(0, np.int32), np.empty(0, np.float32),
+                   (rows, n))
+    np.cumsum(np.concatenate([np.diff(p.indptr) for p in parts]),
+              out=indptr[1:])
+    return CSR(indptr, np.concatenate([p.indices for p in parts]),
+               np.concatenate([p.data for p in parts]), (rows, n))
+
+
+def _sparsify_rows(g, starts, quantile):
+    """_sparsify_numpy of a block of rows (rows >= 1), all at once."""
     rows, n = g.shape
     keep = np.empty((rows, n), dtype=bool)
     scratch = np.empty(rows * int(np.diff(starts).max()), dtype=np.float32)

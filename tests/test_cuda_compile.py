@@ -25,3 +25,10 @@ def test_source_compiles(source, arch, tmp_path):
          '-c', str(source), '-o', str(tmp_path / 'kernel.o')],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_sources_ship_with_the_package():
+    from gradnet_cupy.kernels._cuda import read_source
+
+    for path in SOURCES:
+        assert read_source(path.name) == path.read_text(encoding='utf-8')

@@ -57,6 +57,18 @@ def test_cnn_layer_sizes_keep_fifteen_percent(rng):
         np.floor((np.array(sizes) - 1) * 0.85).astype(int) + 1)))
 
 
+@pytest.mark.parametrize('rows_per_block', [1, 3, 7])
+def test_blocks_of_rows(rows_per_block, rng, monkeypatch):
+    """The NumPy path works through g in blocks of CHUNK_BYTES."""
+    from gradnet_cupy.kernels import sparsify
+
+    sizes = [5, 60, 35]
+    g = rng.standard_normal((7, 100)).astype(np.float32)
+    g[2] = 0
+    monkeypatch.setattr(sparsify, 'CHUNK_BYTES', rows_per_block * 4 * 100)
+    assert_csr_identical(percentile_sparsify(g, sizes), oracle(g, sizes, 85.0))
+
+
 def test_threshold_is_float64_not_float32():
     """Magnitudes 1 and 1 + ulp, q = 70: the float64 interpolation lies
     below 1 + ulp, so it survives; NumPy's float32 percentile rounds the

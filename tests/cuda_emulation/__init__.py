@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from cuda_emulation.emulator import EmulatedModule, EmulationError, kernel_names
+from .emulator import EmulatedModule, EmulationError, kernel_names
 
 __all__ = ['EmulatedModule', 'EmulationError', 'kernel_names',
            'package_module', 'require_tool']

@@ -293,6 +293,19 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 template <class T>
 T __ldg(const T* p) { return *p; }
 
+// Bit counting, and the fast math intrinsics (exact here, approximate on
+// the GPU: compare their results with a tolerance).
+inline int __popc(unsigned int v) { return std::popcount(v); }
+inline int __popcll(unsigned long long v) { return std::popcount(v); }
+inline int __clz(int v) { return std::countl_zero(static_cast<unsigned int>(v)); }
+inline int __clzll(long long v) { return std::countl_zero(static_cast<unsigned long long>(v)); }
+inline int __ffs(int v) { return v ? std::countr_zero(static_cast<unsigned int>(v)) + 1 : 0; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+
 // CUDA's min/max overloads for equal argument types.
 template <class T>
 T min(T a, T b) { return b < a ? b : a; }

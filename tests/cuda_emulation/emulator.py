@@ -10,7 +10,10 @@ with the same meaning as the CuPy launcher of ``gradnet_cupy.kernels._cuda``
 but on NumPy arrays, so a kernel wrapper's launch sequence runs unchanged.
 
 The one rewrite of the source: ``extern __shared__ T name[];`` (inside a
-function) becomes a pointer to the launch's dynamic shared buffer.
+function) becomes a pointer to the launch's dynamic shared buffer. Kernels
+are found by the pattern ``__global__ void name(``; template kernels are not
+supported (instantiate them in plain kernels). What the shim emulates and
+what it leaves out is listed at the top of cuda_shim.h.
 
 Checks the GPU would not make (each raises :class:`EmulationError` or
 TypeError): arguments must match the kernel's parameter types exactly (an
@@ -47,8 +50,8 @@ _EXTERN_SHARED = re.compile(r'extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+
 
 
 class EmulationError(RuntimeError):
-    """A kernel misbehaved under emulation (deadlock, out-of-bounds write)
-    or was launched with a configuration the GPU refuses."""
+    """A kernel misbehaved under emulation (divergent barrier, write out of
+    bounds) or was launched with a configuration the GPU refuses."""
 
 
 def kernel_names(source):

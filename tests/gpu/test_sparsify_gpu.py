@@ -69,7 +69,7 @@ def test_stream_argument():
     stream = cupy.cuda.Stream(non_blocking=True)
     result = percentile_sparsify(cupy.asarray(g), [1000, 5000], stream=stream)
     stream.synchronize()
-    assert cupy.cuda.get_current_stream() == before
+    assert cupy.cuda.get_current_stream().ptr == before.ptr
     assert_csr_identical(on_host(result), percentile_sparsify(g, [1000, 5000]))
 
 
@@ -94,3 +94,14 @@ def test_gather_fixed_matches_numpy():
     candidates = rng.integers(0, 10, size=128)
     result = gather_fixed(cupy.asarray(g), gpu_sets, cupy.asarray(candidates))
     assert_csr_identical(on_host(result), gather_fixed(g, sets, candidates))
+
+
+def test_compiled_module_is_cached_per_device():
+    from gradnet_cupy.kernels import _cuda
+
+    g = cupy.ones((2, 10), dtype=cupy.float32)
+    percentile_sparsify(g, [10])
+    cached = dict(_cuda._MODULES)
+    percentile_sparsify(g, [10])
+    assert _cuda._MODULES == cached
+    assert any(key[0] == 'sparsify.cu' for key in cached)
