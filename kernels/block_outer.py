@@ -46,6 +46,10 @@ from gradnet_cupy.kernels.blocks import Blocks
 from gradnet_cupy.kernels.csr import CSR
 
 METHODS = ('auto', 'sparse', 'dense')
+CUDA_SOURCE = 'block_outer.cu'
+CUDA_TILE = 32                    # TILE of block_outer.cu
+CUDA_THREADS = {'block_outer_f32': 8 * 32,     # F32_GROUPS * GROUP_THREADS
+                'block_outer_f64': 4 * 32}     # F64_GROUPS * GROUP_THREADS
 CROSSOVER_FILE = 'block_outer_crossover.json'
 PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
 DENSE_CHUNK = 1 << 24   # entries of the zero-filled (blocks, rows, size) slab
@@ -87,9 +91,44 @@ def _accumulate(csr, blocks, G, weights, method, xp):
         if xp is np:
             _sparse_reference(entries, blocks, G, w, ~dense)
         else:
-            from gradnet_cupy.kernels.block_outer_cuda import sparse_cuda
-            sparse_cuda(csr, blocks, G, w, ~dense)
+            from gradnet_cupy.kernels._cuda import launcher
+            sparse_launch(launcher(CUDA_SOURCE), csr, blocks, G, w,
+                          _to_numpy(~dense))
     return G
+
+
+def sparse_launch(launch, csr, blocks, G, w, selected):
+    """Runs the CUDA kernel of ``block_outer.cu`` on the ``selected`` blocks
+    (bool (k,), host) through ``launch(name, grid, block, shared_mem, args)``
+    (``gradnet_cupy.kernels._cuda.launcher`` on a GPU, the CPU emulation in
+    tests). ``csr``, ``G`` and ``w`` (float32 (rows,)) are arrays of one
+    module."""
+    xp = get_array_module(G)
+    tiles = [xp.asarray(part) for part in tile_list(blocks, selected)]
+    if not len(tiles[0]):
+        return
+    device = blocks.on(xp)
+    name = 'block_outer_f64' if G.dtype == np.float64 else 'block_outer_f32'
+    launch(name, (len(tiles[0]),), (CUDA_THREADS[name],), 0,
+           (csr.indptr, csr.indices, csr.data, w, np.int64(csr.shape[0]),
+            device.starts, device.sizes, device.offsets, *tiles, G))
+
+
+def tile_list(blocks, selected):
+    """The kernel's work items: every upper-triangle ``TILE x TILE`` tile
+    ``(tile_row <= tile_col)`` of every selected block, as three int32
+    arrays (block, tile_row, tile_col)."""
+    ids = np.flatnonzero(selected)
+    per_side = -(-blocks.sizes[ids] // CUDA_TILE)
+    parts = [np.zeros(0, dtype=np.int32)] * 3
+    for n in np.unique(per_side):
+        group = ids[per_side == n]
+        row, col = np.triu_indices(n)
+        parts = [np.concatenate([old, new.astype(np.int32)]) for old, new in
+                 zip(parts, (np.repeat(group, len(row)),
+                             np.tile(row, len(group)),
+                             np.tile(col, len(group))))]
+    return parts
 
 
 class _BlockEntries:
