@@ -109,9 +109,11 @@ def sparse_launch(launch, csr, blocks, G, w, selected):
         return
     device = blocks.on(xp)
     name = 'block_outer_f64' if G.dtype == np.float64 else 'block_outer_f32'
+    arrays = [xp.ascontiguousarray(a)
+              for a in (csr.indptr, csr.indices, csr.data, w)]
     launch(name, (len(tiles[0]),), (CUDA_THREADS[name],), 0,
-           (csr.indptr, csr.indices, csr.data, w, np.int64(csr.shape[0]),
-            device.starts, device.sizes, device.offsets, *tiles, G))
+           (*arrays, np.int64(csr.shape[0]), device.starts, device.sizes,
+            device.offsets, *tiles, G))
 
 
 def tile_list(blocks, selected):
@@ -120,15 +122,15 @@ def tile_list(blocks, selected):
     arrays (block, tile_row, tile_col)."""
     ids = np.flatnonzero(selected)
     per_side = -(-blocks.sizes[ids] // CUDA_TILE)
-    parts = [np.zeros(0, dtype=np.int32)] * 3
+    parts = ([], [], [])
     for n in np.unique(per_side):
         group = ids[per_side == n]
         row, col = np.triu_indices(n)
-        parts = [np.concatenate([old, new.astype(np.int32)]) for old, new in
-                 zip(parts, (np.repeat(group, len(row)),
-                             np.tile(row, len(group)),
-                             np.tile(col, len(group))))]
-    return parts
+        parts[0].append(np.repeat(group, len(row)))
+        parts[1].append(np.tile(row, len(group)))
+        parts[2].append(np.tile(col, len(group)))
+    return [np.concatenate(part or [np.zeros(0)]).astype(np.int32)
+            for part in parts]
 
 
 class _BlockEntries:
@@ -307,10 +309,10 @@ def _check_inputs(csr, blocks, G, weights, method):
         raise GradnetError('G and the CSR batch must be on the same device')
     if G.dtype not in (np.float32, np.float64):
         raise GradnetError(f'G must be float32 or float64, got {G.dtype}')
-    if G.shape != (blocks.packed_size,):
+    if G.shape != (blocks.packed_size,) or not G.flags.c_contiguous:
         raise GradnetError(
-            f'G must be the packed blocks of shape ({blocks.packed_size},), '
-            f'got {G.shape}')
+            f'G must be the packed blocks, a contiguous array of shape '
+            f'({blocks.packed_size},), got {G.shape}')
     if weights is not None:
         if get_array_module(weights) is not xp:
             raise GradnetError(

@@ -68,22 +68,16 @@ def test_sparse_and_dense_paths_agree_on_one_block(rng):
             np.testing.assert_allclose(G, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_reference_chunks_pairs(rng, monkeypatch):
-    csr, dense = random_csr(rng, 40, 100, 0.4)
-    blocks = Blocks.contiguous([7, 43, 50])
-    monkeypatch.setattr(block_outer, 'PAIR_CHUNK', 50)
+@pytest.mark.parametrize('method, constant, limit', [
+    ('sparse', 'PAIR_CHUNK', 50), ('dense', 'DENSE_CHUNK', 650)])
+def test_paths_work_in_chunks(rng, monkeypatch, method, constant, limit):
+    """Tiny chunk limits: the reference forms pairs for a few runs at a
+    time, the dense path zero-fills two blocks at a time."""
+    csr, dense = random_csr(rng, 30, 100, 0.4)
+    blocks = Blocks.contiguous([7, 43, 10, 10, 10, 10, 10])
+    monkeypatch.setattr(block_outer, constant, limit)
     G = np.zeros(blocks.packed_size)
-    block_outer_accumulate(csr, blocks, G, method='sparse')
-    np.testing.assert_allclose(G, oracle(dense, blocks), rtol=1e-12,
-                               atol=1e-12)
-
-
-def test_dense_path_chunks_blocks(rng, monkeypatch):
-    csr, dense = random_csr(rng, 30, 90, 0.3)
-    blocks = Blocks.contiguous([10] * 9)
-    monkeypatch.setattr(block_outer, 'DENSE_CHUNK', 650)
-    G = np.zeros(blocks.packed_size)
-    block_outer_accumulate(csr, blocks, G, method='dense')
+    block_outer_accumulate(csr, blocks, G, method=method)
     np.testing.assert_allclose(G, oracle(dense, blocks), rtol=1e-12,
                                atol=1e-12)
 
@@ -169,7 +163,8 @@ def test_input_validation(rng):
     G = np.zeros(blocks.packed_size)
     cases = [
         (dict(blocks=Blocks.contiguous([4, 5])), '9 columns'),
-        (dict(G=np.zeros(5)), 'packed blocks of shape'),
+        (dict(G=np.zeros(5)), 'contiguous array of shape'),
+        (dict(G=np.zeros(2 * blocks.packed_size)[::2]), 'contiguous'),
         (dict(G=np.zeros(blocks.packed_size, dtype=np.int64)), 'float32 or'),
         (dict(weights=np.ones(3)), r'weights must have shape \(4,\)'),
         (dict(method='fast'), 'unknown method'),
