@@ -1,8 +1,10 @@
 """Sparse vs dense block_outer_accumulate: where is the crossover?
 
 For every block size s and density d, a CSR batch of ``--rows`` rows over
-one block of s columns (each entry nonzero with probability d, float32) is
-accumulated into a float64 G by ``method='sparse'`` and by ``method='dense'``
+``max(s, --columns)`` columns cut into blocks of s columns (each entry
+nonzero with probability d, float32; many small blocks as in a per-unit or
+diagonal partition, one block from s = --columns up) is accumulated into a
+float64 G by ``method='sparse'`` and by ``method='dense'``
 (best of ``--repeat`` timed calls after one warm-up, GPU synchronized). The
 crossover of a size is the density where dense becomes as fast as sparse
 (log-log interpolation between the bracketing densities; above the largest
@@ -42,15 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = ROOT / 'kernels' / 'block_outer_crossover.json'
 
 
-def random_batch(rng, rows, size, density, xp):
+def random_batch(rng, rows, columns, density, xp):
     """CSR (of module ``xp``) with each entry nonzero with prob. density."""
-    mask = rng.random((rows, size)) < density
+    mask = rng.random((rows, columns)) < density
     row, column = np.nonzero(mask)
     indptr = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(mask.sum(1), out=indptr[1:])
     data = rng.standard_normal(len(row)).astype(np.float32)
     return CSR(xp.asarray(indptr), xp.asarray(column.astype(np.int32)),
-               xp.asarray(data), (rows, size))
+               xp.asarray(data), (rows, columns))
 
 
 def timed(function, repeat, xp):
@@ -95,16 +97,16 @@ def measure(args):
     rng = np.random.default_rng(args.seed)
     points, crossovers = [], []
     for size in args.sizes:
-        blocks = Blocks.contiguous([size])
+        blocks = Blocks.contiguous([size] * max(1, args.columns // size))
         ratios, measured, losses = [], [], 0
         for density in args.densities:
-            point = {'block_size': size, 'density': density,
-                     'rows': args.rows}
+            point = {'block_size': size, 'blocks': len(blocks),
+                     'density': density, 'rows': args.rows}
             if losses >= 2:
                 point['skipped'] = 'dense won at two lower densities'
                 points.append(point)
                 continue
-            csr = random_batch(rng, args.rows, size, density, xp)
+            csr = random_batch(rng, args.rows, blocks.n_columns, density, xp)
             G = xp.zeros(blocks.packed_size)
             for method in ('sparse', 'dense'):
                 point[f'{method}_s'] = timed(
@@ -163,7 +165,9 @@ def main():
     parser.add_argument('--device', default='auto',
                         choices=('auto', 'cpu', 'gpu'))
     parser.add_argument('--sizes', type=int, nargs='+',
-                        default=[64, 256, 1024, 4096])
+                        default=[1, 8, 64, 256, 1024, 4096])
+    parser.add_argument('--columns', type=int, default=4096,
+                        help='columns of a batch (blocks of a size tile them)')
     parser.add_argument('--densities', type=float, nargs='+',
                         default=[0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.5])
     parser.add_argument('--rows', type=int, default=None,

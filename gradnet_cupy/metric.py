@@ -181,6 +181,9 @@ class BlockMetric:
             raise GradnetError(
                 f'the CSR batch is not on the metric\'s device ({self.device})')
         n = self.blocks.n_columns
+        if q is None and self.diagonal:     # y = t * scale: same structure
+            return csr._replace(data=csr.data * self._column_scale()[
+                csr.indices])
         step = max(1, WORK_CHUNK // max(n, 1))
         parts = [self._whiten(_dense_rows(csr, first, min(first + step,
                                                           csr.shape[0])))
@@ -190,6 +193,21 @@ class BlockMetric:
             return _concat_csr([percentile_sparsify(y, self.segment_sizes, q)
                                 for y in parts], n, xp)
         return _concat_csr([_csr_of_dense(y) for y in parts], n, xp)
+
+    @property
+    def diagonal(self):
+        """True when every block is a single column (the diagonal variant)."""
+        return bool((self.blocks.sizes == 1).all())
+
+    def _column_scale(self):
+        """Diagonal variant: float32 (n,) per-column factor, 1 outside
+        the blocks."""
+        xp = self.xp
+        scale = xp.ones(self.blocks.n_columns, dtype=np.float32)
+        starts = self.blocks.on(xp).starts
+        for ids, root in self._inverse_sqrt:
+            scale[starts[xp.asarray(ids)]] = root[:, 0, 0]
+        return scale
 
     def _whiten(self, rows):
         """``rows`` float32 (m, n) dense -> whitened float32 (m, n)."""
@@ -373,11 +391,12 @@ def _dense_rows(csr, first, last):
 def _csr_of_dense(dense):
     """CSR of the nonzeros of a float32 (m, n) array (same module)."""
     xp = get_array_module(dense)
-    row, column = xp.nonzero(dense)
+    mask = dense != 0
     indptr = xp.zeros(dense.shape[0] + 1, dtype=np.int64)
-    indptr[1:] = xp.cumsum(xp.bincount(row, minlength=dense.shape[0]))
-    return CSR(indptr, column.astype(np.int32), dense[row, column],
-               dense.shape)
+    xp.cumsum(mask.sum(axis=1), out=indptr[1:])
+    flat = xp.flatnonzero(mask)
+    return CSR(indptr, (flat % dense.shape[1]).astype(np.int32),
+               dense.reshape(-1)[flat], dense.shape)
 
 
 def _concat_csr(parts, n_columns, xp):

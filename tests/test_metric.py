@@ -99,6 +99,9 @@ def test_diagonal_variant(rng):
     # the diagonal variant keeps the sparsity pattern
     assert np.array_equal(out.indptr, csr.indptr)
     assert np.array_equal(out.indices, csr.indices)
+    np.testing.assert_allclose(out.to_scipy().toarray(),
+                               dense * (second_moment + 1e-3) ** -0.5,
+                               rtol=1e-5)
 
 
 def whitening_oracle(dense, blocks, mean, damping):
@@ -239,3 +242,23 @@ def test_misuse_is_refused(rng):
         metric.apply(wrong)
     with pytest.raises(GradnetError, match='segment sizes'):
         BlockMetric(metric.blocks, [N - 1])
+
+
+def test_apply_resparsifies_per_layer(rng):
+    """apply(csr, q): the whitened rows keep, per row and layer segment, the
+    entries above the q-th percentile of their magnitudes (DESIGN §1.3)."""
+    train, _ = random_csr(rng, 60, N, 0.3)
+    metric = BlockMetric.from_layout(LAYOUT, 'per_unit')
+    metric.accumulate(train).finalize()
+    test, _ = random_csr(rng, 12, N, 0.3, empty_rows=[5])
+    whitened = metric.apply(test).to_scipy().toarray()
+    expected = np.zeros_like(whitened)
+    for start, size in [(0, 48), (48, 4), (52, 40)]:
+        part = whitened[:, start:start + size]
+        threshold = np.percentile(np.abs(part).astype(np.float64), 70,
+                                  axis=1)
+        keep = np.abs(part) > threshold[:, None]
+        expected[:, start:start + size] = np.where(keep, part, 0)
+    got = metric.apply(test, q=70)
+    np.testing.assert_array_equal(got.to_scipy().toarray(), expected)
+    assert got.nnz < 0.4 * np.count_nonzero(whitened)
