@@ -6,13 +6,15 @@
 // an off-diagonal tile also writes its mirror image, so every entry of G is
 // owned by exactly one thread block and no global atomics are needed.
 //
-// Within a thread block the threads form GROUPS groups of GROUP_THREADS;
-// group g handles rows g, g + GROUPS, g + 2 GROUPS, ... in lock step (one
-// __syncthreads per round). For its row the group finds, by binary search on
-// the row's sorted column indices, the run of nonzeros inside the tile's row
-// range A and the run inside its column range B; every pair (j in A, k in B)
-// is a distinct tile entry, so the group's threads add w * (t_j * t_k) to the
-// group's private shared-memory tile without atomics. At the end the GROUPS
+// A thread block walks the rows in chunks of ROW_CHUNK. First every thread
+// finds, for its own rows of the chunk, by binary search on the row's sorted
+// column indices, the run of nonzeros inside the tile's row range A and the
+// run inside its column range B (independent searches, so their latencies
+// overlap). Then the threads, as GROUPS groups of GROUP_THREADS, take the
+// chunk's rows in lock step, one row per group and round (one __syncthreads
+// per round): every pair (j in A, k in B) of the row is a distinct tile
+// entry, so the group's threads add w * (t_j * t_k) to the group's private
+// shared-memory tile without atomics. At the end the GROUPS
 // private tiles are summed in group order and added to G. The order of every
 // sum is fixed, so the result is deterministic; the work per (row, tile) is
 // two to four binary searches plus one term per pair of nonzeros.
@@ -28,6 +30,7 @@
 #define GROUP_THREADS 32
 #define F32_GROUPS 8   // 8 x 32 x 32 floats  = 32 KiB of shared memory
 #define F64_GROUPS 4   // 4 x 32 x 32 doubles = 32 KiB of shared memory
+#define ROW_CHUNK 256  // rows whose runs are searched at once: 8 KiB
 
 // First position p in [lo, hi) with indices[p] >= value (hi when none).
 __device__ long long first_at_least(const int* indices, long long lo,
@@ -43,15 +46,16 @@ __device__ long long first_at_least(const int* indices, long long lo,
     return lo;
 }
 
-// The body of both kernels; `tiles` is GROUPS * TILE * TILE shared entries.
-// Launch: one thread block per tile, blockDim.x == GROUPS * GROUP_THREADS.
+// The body of both kernels; `tiles` is GROUPS * TILE * TILE shared entries,
+// `runs` ROW_CHUNK shared run bounds. Launch: one thread block per tile,
+// blockDim.x == GROUPS * GROUP_THREADS.
 template <typename T, int GROUPS>
 __device__ void accumulate_tile(
         const long long* indptr, const int* indices, const float* data,
         const float* weights, long long rows, const long long* starts,
         const long long* sizes, const long long* offsets,
         const int* tile_block, const int* tile_row, const int* tile_col,
-        T* G, T* tiles) {
+        T* G, T* tiles, long long (*runs)[4]) {
     const int tile = blockIdx.x;
     const int block = tile_block[tile];
     const long long start = starts[block];
@@ -70,31 +74,47 @@ __device__ void accumulate_tile(
     for (int e = threadIdx.x; e < GROUPS * TILE * TILE; e += blockDim.x) {
         tiles[e] = (T)0;
     }
-    __syncthreads();
-    for (long long round = 0; round < rows; round += GROUPS) {
-        const long long row = round + group;
-        if (row < rows) {
-            const long long end = indptr[row + 1];
-            const long long a0 = first_at_least(indices, indptr[row], end, a_first);
-            const long long a1 = first_at_least(indices, a0, end, a_end);
-            // off the diagonal, range B lies right of range A
-            const long long b0 =
-                diagonal ? a0 : first_at_least(indices, a1, end, b_first);
-            const long long b1 =
-                diagonal ? a1 : first_at_least(indices, b0, end, b_end);
-            const int na = (int)(a1 - a0);
-            const int nb = (int)(b1 - b0);
-            const T w = (T)weights[row];
-            for (int p = lane; p < na * nb; p += GROUP_THREADS) {
-                const long long j = a0 + p / nb;
-                const long long k = b0 + p % nb;
-                const T product = (T)data[j] * (T)data[k];
-                mine[(indices[j] - a_first) * TILE + (indices[k] - b_first)] +=
-                    w * product;
+    for (long long chunk = 0; chunk < rows; chunk += ROW_CHUNK) {
+        // every thread searches the runs of its own rows of the chunk ...
+        for (int i = threadIdx.x; i < ROW_CHUNK; i += blockDim.x) {
+            const long long row = chunk + i;
+            if (row < rows) {
+                const long long end = indptr[row + 1];
+                const long long a0 = first_at_least(indices, indptr[row], end,
+                                                    a_first);
+                const long long a1 = first_at_least(indices, a0, end, a_end);
+                // off the diagonal, range B lies right of range A
+                runs[i][0] = a0;
+                runs[i][1] = a1;
+                runs[i][2] = diagonal ? a0 : first_at_least(indices, a1, end,
+                                                            b_first);
+                runs[i][3] = diagonal ? a1 : first_at_least(indices, runs[i][2],
+                                                            end, b_end);
             }
         }
         __syncthreads();
+        // ... then each group adds the pairs of one row per round
+        for (int round = 0; round < ROW_CHUNK && chunk + round < rows;
+             round += GROUPS) {
+            const int i = round + group;
+            if (chunk + i < rows) {
+                const long long a0 = runs[i][0];
+                const long long b0 = runs[i][2];
+                const int na = (int)(runs[i][1] - a0);
+                const int nb = (int)(runs[i][3] - b0);
+                const T w = (T)weights[chunk + i];
+                for (int p = lane; p < na * nb; p += GROUP_THREADS) {
+                    const long long j = a0 + p / nb;
+                    const long long k = b0 + p % nb;
+                    const T product = (T)data[j] * (T)data[k];
+                    mine[(indices[j] - a_first) * TILE +
+                         (indices[k] - b_first)] += w * product;
+                }
+            }
+            __syncthreads();
+        }
     }
+    __syncthreads();  // the tiles are complete (or just cleared: no rows)
     for (int e = threadIdx.x; e < TILE * TILE; e += blockDim.x) {
         T sum = tiles[e];
         for (int g = 1; g < GROUPS; ++g) {
@@ -118,9 +138,10 @@ extern "C" __global__ void block_outer_f32(
         const int* tile_block, const int* tile_row, const int* tile_col,
         float* G) {
     __shared__ float tiles[F32_GROUPS * TILE * TILE];
+    __shared__ long long runs[ROW_CHUNK][4];
     accumulate_tile<float, F32_GROUPS>(
         indptr, indices, data, weights, rows, starts, sizes, offsets,
-        tile_block, tile_row, tile_col, G, tiles);
+        tile_block, tile_row, tile_col, G, tiles, runs);
 }
 
 extern "C" __global__ void block_outer_f64(
@@ -130,7 +151,8 @@ extern "C" __global__ void block_outer_f64(
         const int* tile_block, const int* tile_row, const int* tile_col,
         double* G) {
     __shared__ double tiles[F64_GROUPS * TILE * TILE];
+    __shared__ long long runs[ROW_CHUNK][4];
     accumulate_tile<double, F64_GROUPS>(
         indptr, indices, data, weights, rows, starts, sizes, offsets,
-        tile_block, tile_row, tile_col, G, tiles);
+        tile_block, tile_row, tile_col, G, tiles, runs);
 }

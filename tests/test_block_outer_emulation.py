@@ -54,6 +54,18 @@ def test_kernel_matches_reference_and_oracle(rng, dtype):
         assert np.array_equal(block, block.T)
 
 
+@pytest.mark.parametrize('rows', [0, 300])
+def test_kernel_row_chunks(rng, rows):
+    """No rows at all, and more rows than one chunk of run searches."""
+    csr, dense = random_csr(rng, rows, 40, 0.3)
+    blocks = Blocks([0], [40], 40)
+    weights = rng.random(rows).astype(np.float32)
+    G = emulated(csr, blocks, np.ones(blocks.packed_size), weights,
+                 np.ones(1, dtype=bool))
+    np.testing.assert_allclose(G, 1 + oracle(dense, blocks, weights),
+                               rtol=1e-13, atol=1e-13)
+
+
 def test_kernel_touches_only_selected_blocks(rng):
     csr, dense = random_csr(rng, 9, 112, 0.5)
     selected = np.array([True, False, True, False, True])
