@@ -7,5 +7,8 @@ reference, which is the kernel's executable specification.
 from gradnet_cupy.kernels.block_outer import block_outer_accumulate
 from gradnet_cupy.kernels.blocks import Blocks
 from gradnet_cupy.kernels.csr import CSR
+from gradnet_cupy.kernels.sparsify import (fixed_index_sets, gather_fixed,
+                                           percentile_sparsify)
 
-__all__ = ['CSR', 'Blocks', 'block_outer_accumulate']
+__all__ = ['CSR', 'Blocks', 'block_outer_accumulate', 'fixed_index_sets',
+           'gather_fixed', 'percentile_sparsify']

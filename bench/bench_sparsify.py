@@ -1,0 +1,204 @@
+"""Throughput of percentile_sparsify; writes bench/results/sparsify-<device>.json.
+
+Cases (q = 85, g standard normal float32, seeded): rows x the cnn layer
+blocks 4,800 / 102,400 / 23,040, and rows x one 1,000,000-entry segment
+(rows = 256 unless --rows).
+
+Per case: the median and minimum wall time of percentile_sparsify (all of
+it: input checks, selection, CSR) and of the alternatives (time ratios of
+both are reported; on a shared CPU the minima are the steadier figure),
+and the effective bandwidth = bytes of g / time, also as a fraction of the
+device's memory bandwidth, measured as (bytes read + bytes written) / time
+of a large copy (device to device on the GPU, numpy.copyto on the CPU).
+
+Alternatives compute only the per-segment threshold (no CSR), so they are
+a lower bound of what a plain-library implementation would cost:
+  CPU  numpy.partition of |g| per segment;
+  GPU  cupy.partition and cupy.sort of |g| per segment, and torch.kthvalue
+       and torch.topk where torch imports.
+
+Usage:  python bench/bench_sparsify.py [--device auto|cpu|gpu] [--rows N]
+        [--repeat R] [--quick] [--output PATH]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gradnet_cupy.backend import import_cupy, resolve_device, to_numpy
+from gradnet_cupy.kernels import percentile_sparsify
+from gradnet_cupy.kernels.sparsify import percentile_ranks
+
+CASES = {'cnn': [4800, 102400, 23040], 'segment-1M': [1_000_000]}
+Q = 85.0
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+class Timer:
+    """Median and minimum seconds of a callable on one device."""
+
+    def __init__(self, device, repeat):
+        self.device, self.repeat = device, repeat
+        self.cupy = import_cupy() if device == 'gpu' else None
+
+    def __call__(self, func):
+        func()  # warm-up: compilation, allocator, caches
+        times = []
+        for _ in range(self.repeat):
+            if self.cupy is None:
+                start = time.perf_counter()
+                func()
+                times.append(time.perf_counter() - start)
+            else:
+                begin, end = self.cupy.cuda.Event(), self.cupy.cuda.Event()
+                begin.record()
+                func()
+                end.record()
+                end.synchronize()
+                times.append(self.cupy.cuda.get_elapsed_time(begin, end) / 1e3)
+        return {'median_s': float(np.median(times)), 'min_s': float(min(times)),
+                'repeat': self.repeat}
+
+
+def copy_bandwidth(xp, timer, nbytes=1 << 30):
+    """GB/s of (read + write) bytes for a copy of nbytes."""
+    src = xp.ones(nbytes // 4, dtype=xp.float32)
+    dst = xp.empty_like(src)
+    seconds = timer(lambda: xp.copyto(dst, src))['median_s']
+    return 2 * nbytes / seconds / 1e9
+
+
+def segment_thresholds(xp, select):
+    """A threshold-only alternative: select(magnitude (rows, m), lo) -> the
+    lo-th smallest per row, for each segment."""
+    def run(g, sizes):
+        start = 0
+        for m in sizes:
+            lo, _, _ = percentile_ranks(m, Q / 100)
+            select(xp.abs(g[:, start:start + m]), lo)
+            start += m
+    return run
+
+
+def alternatives(device):
+    """name -> f(g, sizes) for the device's plain-library alternatives."""
+    if device == 'cpu':
+        return {'numpy.partition': segment_thresholds(
+            np, lambda a, lo: np.partition(a, lo, axis=1)[:, lo])}
+    cupy = import_cupy()
+    found = {
+        'cupy.partition': segment_thresholds(
+            cupy, lambda a, lo: cupy.partition(a, lo, axis=1)[:, lo]),
+        'cupy.sort': segment_thresholds(
+            cupy, lambda a, lo: cupy.sort(a, axis=1)[:, lo]),
+    }
+    try:
+        import torch
+    except ImportError:
+        return found
+
+    def torch_alternative(select):
+        def run(g, sizes):
+            return segment_thresholds(torch, select)(torch.as_tensor(g, device='cuda'), sizes)
+        return run
+
+    found['torch.kthvalue'] = torch_alternative(
+        lambda a, lo: torch.kthvalue(a, lo + 1, dim=1).values)
+    found['torch.topk'] = torch_alternative(
+        lambda a, lo: torch.topk(a, a.shape[1] - lo, dim=1).values[:, -1])
+    return found
+
+
+def device_name(device):
+    if device == 'gpu':
+        cupy = import_cupy()
+        return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)['name'].decode()
+    model = re.search(r'model name\s*:\s*(.*)', Path('/proc/cpuinfo').read_text())
+    cpu = model.group(1).strip() if model else platform.processor() or 'cpu'
+    return f'{cpu} ({os.cpu_count()} logical CPUs)'
+
+
+def versions(device):
+    found = {'python': platform.python_version(), 'numpy': np.__version__}
+    if device == 'gpu':
+        cupy = import_cupy()
+        found['cupy'] = cupy.__version__
+        found['cuda_runtime'] = cupy.cuda.runtime.runtimeGetVersion()
+        found['cuda_driver'] = cupy.cuda.runtime.driverGetVersion()
+    try:
+        import torch
+        found['torch'] = torch.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def run_case(name, sizes, rows, device, timer, bandwidth, check):
+    xp = np if device == 'cpu' else import_cupy()
+    host = np.random.default_rng(0).standard_normal((rows, sum(sizes))).astype(np.float32)
+    g = xp.asarray(host)
+    nbytes = g.size * 4
+
+    def summary(timing):
+        gbps = nbytes / timing['median_s'] / 1e9
+        return dict(timing, GBps=gbps, fraction_of_bandwidth=gbps / bandwidth)
+
+    ours = summary(timer(lambda: percentile_sparsify(g, sizes, Q)))
+    others = {alt: summary(timer(lambda f=f: f(g, sizes)))
+              for alt, f in alternatives(device).items()}
+    best = min(others, key=lambda alt: others[alt]['median_s'])
+    result = {'case': name, 'rows': rows, 'sizes': sizes, 'q': Q, 'bytes_of_g': nbytes,
+              'percentile_sparsify': ours, 'alternatives': others,
+              'best_alternative': best,
+              'time_vs_best_alternative': ours['median_s'] / others[best]['median_s'],
+              'min_time_vs_best_alternative': ours['min_s'] / others[best]['min_s']}
+    if check:  # the GPU result against the NumPy reference, bit for bit
+        gpu, cpu = percentile_sparsify(g, sizes, Q), percentile_sparsify(host, sizes, Q)
+        result['matches_numpy'] = all(
+            np.array_equal(to_numpy(a).view(np.uint8), b.view(np.uint8))
+            for a, b in zip(gpu[:3], cpu[:3]))
+    print(f"{name:12s} rows={rows}: {ours['median_s'] * 1e3:9.2f} ms "
+          f"{ours['GBps']:7.2f} GB/s ({100 * ours['fraction_of_bandwidth']:.1f}% of copy "
+          f"bandwidth); best alternative {best} {others[best]['median_s'] * 1e3:.2f} ms "
+          f"-> time ratio {result['time_vs_best_alternative']:.2f} (medians), "
+          f"{result['min_time_vs_best_alternative']:.2f} (minima)", flush=True)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'gpu'])
+    parser.add_argument('--rows', type=int, default=256)
+    parser.add_argument('--repeat', type=int, default=5)
+    parser.add_argument('--quick', action='store_true',
+                        help='32 rows and 2 repeats: a smoke run, not for results')
+    parser.add_argument('--output', type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    rows, repeat = (32, 2) if args.quick else (args.rows, args.repeat)
+    timer = Timer(device, repeat)
+    bandwidth = copy_bandwidth(np if device == 'cpu' else import_cupy(), timer)
+    print(f'{device_name(device)}: copy bandwidth {bandwidth:.1f} GB/s', flush=True)
+    cases = [run_case(name, sizes, rows, device, timer, bandwidth, check=device == 'gpu')
+             for name, sizes in CASES.items()]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    report = {'device': device_name(device), 'kind': device,
+              'date': now.isoformat(timespec='seconds'), 'versions': versions(device),
+              'command': ' '.join(['python', 'bench/bench_sparsify.py'] + (argv or sys.argv[1:])),
+              'copy_bandwidth_GBps': bandwidth, 'cases': cases}
+    slug = device if device == 'cpu' else re.sub(r'[^a-z0-9]+', '-', report['device'].lower())
+    output = args.output or RESULTS / f'sparsify-{slug}.json'
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + '\n')
+    print(f'wrote {output}')
+
+
+if __name__ == '__main__':
+    main()

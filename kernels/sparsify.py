@@ -1,0 +1,363 @@
+"""Per-sample, per-layer sparsification of tangent features into CSR.
+
+:func:`percentile_sparsify` is DESIGN §1 step 3: in every row of ``g`` and
+every segment (layer block) keep the entries whose magnitude exceeds the
+segment's ``q``-th percentile. :func:`gather_fixed` is the paper's variant
+with fixed per-label coordinate sets, built by :func:`fixed_index_sets`.
+
+The percentile, precisely.  For a segment ``x`` of ``m`` float32 entries the
+threshold is ``numpy.percentile(abs(x).astype(numpy.float64), q)`` (method
+'linear'): with ``v = (m - 1) * (q / 100)`` in float64, ``lo = floor(v)``,
+``hi = lo + 1`` (both ``m - 1`` once ``v >= m - 1``) and ``gamma = v - lo``,
+and ``a``, ``b`` the ``lo``-th and ``hi``-th smallest magnitudes as float64::
+
+    threshold = b - (b - a) * (1 - gamma)   if gamma >= 0.5
+                a + (b - a) * gamma         otherwise
+
+each operation rounded to float64 (NumPy's ``_lerp``). An entry is kept iff
+``abs(x_j) > threshold`` compared in float64 (exact for float32 values).
+So zeros never survive, and a constant segment keeps nothing.
+
+Why float64: NumPy >= 2 evaluates ``numpy.percentile`` of a *float32* array
+in float32, which rounds the threshold and can drop an entry just above it
+(two magnitudes one ulp apart, q = 70: the float32 threshold equals the
+larger one). The float64 threshold is the exact interpolation up to one
+float64 rounding, the same under NumPy 1.26 and 2.x, and what the CUDA
+kernel reproduces bit for bit.
+
+Both implementations compare against a float32 *bound* instead: with
+``a <= b`` the two order statistics, the threshold lies in [a, b] and no
+magnitude lies strictly between them, so ``|x| > threshold`` iff
+``|x| > (a if threshold < b else b)``. The NumPy path (the reference and the
+CPU implementation: vectorised over rows, one ``numpy.partition`` per
+segment) is tested against ``numpy.percentile`` itself; CuPy input runs the
+CUDA kernels of ``sparsify.cu`` through :func:`sparsify_launch_sequence`,
+tested against the NumPy path bit for bit (on the CPU through
+tests/cuda_emulation, and on a GPU).
+"""
+import contextlib
+import numbers
+
+import numpy as np
+
+from gradnet_cupy.backend import get_array_module, to_numpy
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels.csr import CSR
+
+CUDA_SOURCE = 'sparsify.cu'
+GPU_BLOCK = 512  # threads per block of both sparsify kernels on the GPU
+MAX_COLUMNS = 2**31 - 1  # CSR indices are int32
+NONFINITE_MESSAGE = ('g contains NaN or Inf: sparsification needs finite '
+                     'gradients')
+
+
+def percentile_sparsify(g, sizes, q=85.0, stream=None):
+    """Keep, per row and segment, the entries above the ``q``-th percentile
+    of the segment's magnitudes (see the module docstring for the exact
+    arithmetic).
+
+    g: (rows, n) float32, NumPy or CuPy. Other dtypes are refused rather
+        than converted (rounding float64 to float32 changes which entries
+        survive): convert explicitly with ``g.astype(numpy.float32)``.
+    sizes: host sequence of positive ints summing to n, the segment lengths.
+    q: percentile, 0 < q < 100 (taken as a Python float).
+    stream: CuPy stream for the GPU path (default: the current stream);
+        ignored for NumPy input.
+
+    Returns a :class:`CSR` of shape (rows, n) on g's device: ``indptr``
+    int64 (rows + 1,), ``indices`` int32 ascending within each row, ``data``
+    float32 (the signed values of g). CPU and GPU results are identical.
+    Raises GradnetError for bad arguments and for NaN or Inf in g.
+    """
+    xp = _check_g(g)
+    starts = segment_offsets(sizes, g.shape[1])
+    quantile = _quantile(q)
+    if xp is np:
+        return _sparsify_numpy(g, starts, quantile)
+    from gradnet_cupy.kernels._cuda import launcher
+
+    with stream if stream is not None else contextlib.nullcontext():
+        return sparsify_launch_sequence(g, starts, quantile,
+                                        launcher(CUDA_SOURCE), xp, GPU_BLOCK)
+
+
+def segment_offsets(sizes, n):
+    """(n_seg + 1,) int64 column offsets of consecutive segments.
+
+    sizes: host sequence of n_seg >= 1 positive ints that sum to n.
+    """
+    try:
+        lengths = np.asarray(sizes)
+    except TypeError as error:  # e.g. a CuPy array
+        raise GradnetError(f'sizes must be a host sequence of ints: {error}')
+    if (lengths.ndim != 1 or lengths.size == 0
+            or lengths.dtype.kind not in 'iu'):
+        raise GradnetError(
+            f'sizes must be a non-empty 1-D sequence of ints, got {sizes!r}')
+    if (lengths <= 0).any():
+        raise GradnetError(
+            f'sizes must be positive, got {int(lengths.min())} among them')
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] != n:
+        raise GradnetError(
+            f'sizes sum to {int(offsets[-1])}, but g has {n} columns')
+    if n > MAX_COLUMNS:
+        raise GradnetError(f'g has {n} columns; at most {MAX_COLUMNS} '
+                           'fit the int32 CSR indices')
+    return offsets
+
+
+def percentile_ranks(m, quantile):
+    """``(lo, hi, gamma)``: the 0-based ranks of the two order statistics
+    that NumPy's linear percentile of ``m`` values interpolates between, and
+    the interpolation weight (float64). ``quantile`` is q / 100."""
+    virtual_index = (m - 1) * quantile
+    if virtual_index >= m - 1:
+        return m - 1, m - 1, 0.0
+    lo = int(virtual_index)
+    return lo, lo + 1, virtual_index - lo
+
+
+def interpolate(a, b, gamma):
+    """NumPy's ``_lerp(a, b, gamma)``: float64 arrays ``a <= b``, float
+    ``gamma`` in [0, 1); the result lies in [a, b]."""
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1.0 - gamma)
+    return a + diff * gamma
+
+
+def _sparsify_numpy(g, starts, quantile):
+    """The NumPy implementation. g: (rows, n) float32 NumPy; starts from
+    :func:`segment_offsets`; quantile = q / 100."""
+    rows, n = g.shape
+    keep = np.empty((rows, n), dtype=bool)
+    scratch = np.empty(rows * int(np.diff(starts).max()), dtype=np.float32)
+    for start, stop in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        segment = g[:, start:stop]
+        magnitude = np.abs(segment, out=scratch[:segment.size].reshape(
+            segment.shape))
+        bound = _keep_above(magnitude, quantile)  # reorders magnitude
+        np.greater(np.abs(segment, out=magnitude), bound[:, None],
+                   out=keep[:, start:stop])
+    flat = np.flatnonzero(keep)  # row-major: ascending columns per row
+    indptr = np.zeros(rows + 1, dtype=np.int64)
+    indptr[1:] = np.searchsorted(flat, np.arange(1, rows + 1) * n)
+    data = np.take(g, flat)
+    columns = np.remainder(flat, n, out=flat).astype(np.int32)
+    return CSR(indptr, columns, data, (rows, n))
+
+
+def _keep_above(magnitude, quantile):
+    """(rows,) float32 bounds (module docstring): |x| > threshold iff
+    |x| > bound, for the rows of magnitude (rows, m) float32 = |segment|,
+    which it reorders in place."""
+    if not np.isfinite(magnitude.max(initial=0)):
+        raise GradnetError(NONFINITE_MESSAGE)
+    lo, hi, gamma = percentile_ranks(magnitude.shape[1], quantile)
+    magnitude.partition(lo, axis=1)  # hi's value: the least one after lo
+    a = magnitude[:, lo]
+    b = magnitude[:, hi:].min(axis=1) if hi > lo else a
+    threshold = interpolate(a.astype(np.float64), b.astype(np.float64), gamma)
+    return np.where(threshold < b, a, b)
+
+
+def sparsify_launch_sequence(g, starts, quantile, launch, xp, block):
+    """The host side of the CUDA path, shared by the CuPy path and the CPU
+    emulation (tests/cuda_emulation).
+
+    g: (rows, n) float32 array of module ``xp``; starts: (n_seg + 1,) int64
+    segment offsets (NumPy or ``xp``); quantile = q / 100 (checked);
+    launch(name, grid, block, shared_mem, args) runs a kernel of
+    ``sparsify.cu``; block: threads per block, a power of two <= 1024.
+    Returns the CSR (``xp`` arrays); GradnetError when g has NaN or Inf.
+    """
+    if block & (block - 1) or not 0 < block <= 1024:
+        raise ValueError(f'block must be a power of two <= 1024, got {block}')
+    g = xp.ascontiguousarray(g)
+    starts = xp.asarray(starts)
+    rows, n = g.shape
+    n_seg = starts.shape[0] - 1
+    tasks = rows * n_seg  # one block per (row, segment), row-major
+    indptr = xp.zeros(rows + 1, dtype=xp.int64)
+    if tasks == 0:
+        return CSR(indptr, xp.empty(0, dtype=xp.int32),
+                   xp.empty(0, dtype=xp.float32), (rows, n))
+    keep_above = xp.empty(tasks, dtype=xp.uint32)
+    counts = xp.empty(tasks, dtype=xp.int64)
+    bad = xp.zeros(1, dtype=xp.int32)
+    layout = (g, np.int64(n), starts, np.int32(n_seg))
+    launch('percentile_select', (tasks,), (block,), 0,
+           layout + (np.float64(quantile), keep_above, counts, bad))
+    ends = xp.cumsum(counts)
+    nnz, flag = to_numpy(xp.concatenate((ends[-1:], bad.astype(xp.int64))))
+    if flag:
+        raise GradnetError(NONFINITE_MESSAGE)
+    if not 0 <= nnz <= g.size:
+        raise RuntimeError(f'percentile_select counted {nnz} entries to keep '
+                           f'out of {g.size}: a kernel fault')
+    indices = xp.empty(int(nnz), dtype=xp.int32)
+    data = xp.empty(int(nnz), dtype=xp.float32)
+    if nnz:
+        launch('percentile_compact', (tasks,), (block,), 0,
+               layout + (keep_above, ends, indices, data))
+    indptr[1:] = ends[n_seg - 1::n_seg]
+    return CSR(indptr, indices, data, (rows, n))
+
+
+def gather_fixed(g, index_sets, candidates, stream=None):
+    """Sparsify each row on the fixed coordinate set of its candidate label.
+
+    g: (rows, n) float32, NumPy or CuPy (other dtypes refused, as in
+        :func:`percentile_sparsify`); must be finite.
+    index_sets: :class:`CSR` of shape (n_labels, n) on g's device; row c
+        lists the coordinate set I_c, strictly ascending (its ``data`` are
+        not used: :func:`fixed_index_sets` stores the scores there).
+    candidates: (rows,) integer labels in [0, n_labels), NumPy or CuPy.
+    stream: CuPy stream for the GPU path; ignored for NumPy input.
+
+    Row i of the result holds ``g[i, j]`` for the j in I_{candidates[i]}
+    with ``g[i, j] != 0`` (like percentile_sparsify, stored entries are
+    never zero). Returns a :class:`CSR` (rows, n) on g's device, ``indices``
+    ascending within each row. Plain array indexing, the same code on NumPy
+    and CuPy.
+    """
+    xp = _check_g(g)
+    rows, n = g.shape
+    if not isinstance(index_sets, CSR) or index_sets.shape[1] != n:
+        raise GradnetError('index_sets must be a CSR with one column per '
+                           f'column of g ({n})')
+    with stream if stream is not None else contextlib.nullcontext():
+        set_ptr = xp.asarray(index_sets.indptr)
+        set_idx = xp.asarray(index_sets.indices).astype(xp.int64)
+        _check_index_sets(xp, set_ptr, set_idx, index_sets.shape)
+        labels = _check_candidates(xp, candidates, rows, index_sets.shape[0])
+        if not bool(xp.isfinite(g).all()):
+            raise GradnetError(NONFINITE_MESSAGE)
+        first = set_ptr[labels]  # (rows,) where each row's set starts
+        length = set_ptr[labels + 1] - first
+        ends = xp.cumsum(length)  # (rows,) end of each row in the output
+        total = int(ends[-1]) if rows else 0
+        position = xp.arange(total, dtype=xp.int64)
+        row_of = xp.searchsorted(ends, position, side='right')
+        offset_in_set = position - (ends - length)[row_of]
+        columns = set_idx[first[row_of] + offset_in_set]
+        values = g[row_of, columns]
+        nonzero = values != 0
+        indptr = xp.zeros(rows + 1, dtype=xp.int64)
+        indptr[1:] = xp.searchsorted(row_of[nonzero], xp.arange(rows),
+                                     side='right')
+        return CSR(indptr, columns[nonzero].astype(xp.int32),
+                   values[nonzero], (rows, n))
+
+
+def fixed_index_sets(g_sample, candidates, sizes, n_labels, fraction=0.1):
+    """Per-label coordinate sets for :func:`gather_fixed` ("the most
+    important 10% per label").
+
+    g_sample: (rows, n) float32 sample of tangent features, NumPy or CuPy;
+    candidates: (rows,) the candidate label of each sample row; sizes: the
+    segment lengths (as in :func:`percentile_sparsify`); n_labels: number
+    of labels, each of which must occur in candidates; fraction in (0, 1].
+
+    For label c, score_j = mean of |g_sample[i, j]| (float64) over the rows
+    with candidates[i] == c; in each segment of length m the
+    ``max(1, round(fraction * m))`` coordinates of highest score are kept
+    (ties: the lower column first). Computed on the host, so CPU and GPU
+    agree exactly. Returns a :class:`CSR` (n_labels, n) on g_sample's
+    device: row c lists I_c ascending, ``data`` the scores as float32.
+    """
+    xp = _check_g(g_sample)
+    sample = to_numpy(g_sample)
+    rows, n = sample.shape
+    starts = segment_offsets(sizes, n)
+    labels = _check_candidates(np, _host(candidates), rows, n_labels)
+    if not isinstance(fraction, numbers.Real) or not 0.0 < fraction <= 1.0:
+        raise GradnetError(f'fraction must lie in (0, 1], got {fraction!r}')
+    segments = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+    indices, scores = [], []
+    for label in range(n_labels):
+        members = sample[labels == label]
+        if members.shape[0] == 0:
+            raise GradnetError(f'no sample row has candidate label {label}')
+        score = np.abs(members).mean(axis=0, dtype=np.float64)
+        chosen = np.concatenate([_top_columns(score, start, stop, fraction)
+                                 for start, stop in segments])
+        indices.append(chosen)
+        scores.append(score[chosen])
+    indptr = np.zeros(n_labels + 1, dtype=np.int64)
+    np.cumsum([chosen.size for chosen in indices], out=indptr[1:])
+    return CSR(xp.asarray(indptr),
+               xp.asarray(np.concatenate(indices).astype(np.int32)),
+               xp.asarray(np.concatenate(scores).astype(np.float32)),
+               (n_labels, n))
+
+
+def _top_columns(score, start, stop, fraction):
+    """Ascending columns of the max(1, round(fraction * m)) highest scores
+    in score[start:stop] (m = stop - start; ties: the lower column)."""
+    k = max(1, round(fraction * (stop - start)))
+    return start + np.sort(np.argsort(-score[start:stop], kind='stable')[:k])
+
+
+def _check_g(g):
+    """The array module of g after checking it is a (rows, n) float32 array."""
+    xp = get_array_module(g)
+    if not isinstance(g, xp.ndarray):
+        raise GradnetError(f'g must be a NumPy or CuPy array, got {type(g)}')
+    if g.ndim != 2:
+        raise GradnetError(f'g must be 2-D (rows x n), got shape {g.shape}')
+    if g.dtype != np.float32:
+        raise GradnetError(f'g must be float32, got {g.dtype}: convert '
+                           'explicitly with g.astype(numpy.float32)')
+    return xp
+
+
+def _quantile(q):
+    """q / 100 as a float after checking 0 < q < 100."""
+    if isinstance(q, (bool, np.bool_)) or not isinstance(q, numbers.Real):
+        raise GradnetError(f'q must be a number in (0, 100), got {q!r}')
+    q = float(q)
+    if not 0.0 < q < 100.0:
+        raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
+    return q / 100.0
+
+
+def _host(array):
+    """A NumPy version of a NumPy or CuPy array or a sequence."""
+    return to_numpy(array) if hasattr(array, 'get') else np.asarray(array)
+
+
+def _check_candidates(xp, candidates, rows, n_labels):
+    """candidates as an int64 ``xp`` array after checking shape and range."""
+    try:
+        labels = xp.asarray(candidates)
+    except TypeError as error:  # a CuPy array for NumPy g
+        raise GradnetError(f'candidates must be on the device of g: {error}')
+    if labels.shape != (rows,) or labels.dtype.kind not in 'iu':
+        raise GradnetError(f'candidates must be {rows} integer labels, got '
+                           f'shape {labels.shape} dtype {labels.dtype}')
+    if rows and not bool(((labels >= 0) & (labels < n_labels)).all()):
+        raise GradnetError(f'candidates must lie in [0, {n_labels})')
+    return labels.astype(xp.int64)
+
+
+def _check_index_sets(xp, set_ptr, set_idx, shape):
+    """Refuses index sets that are malformed, out of range or not strictly
+    ascending within a label."""
+    n_labels, n = shape
+    if (set_ptr.shape != (n_labels + 1,) or int(set_ptr[0]) != 0
+            or int(set_ptr[-1]) != set_idx.size
+            or bool((xp.diff(set_ptr) < 0).any())):
+        raise GradnetError('index_sets.indptr must rise from 0 to nnz over '
+                           f'{n_labels} labels')
+    if set_idx.size and not bool(((set_idx >= 0) & (set_idx < n)).all()):
+        raise GradnetError(f'index_sets indices must lie in [0, {n})')
+    step = xp.diff(set_idx)
+    boundary = xp.zeros(step.shape, dtype=bool)
+    inner = set_ptr[1:-1]
+    boundary[inner[(inner > 0) & (inner < set_idx.size)] - 1] = True
+    if bool(((step <= 0) & ~boundary).any()):
+        raise GradnetError('index_sets indices must be strictly ascending '
+                           'within each label')

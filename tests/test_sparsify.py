@@ -1,0 +1,260 @@
+"""Tier 1: the NumPy reference of the sparsify kernels against plain-NumPy
+oracles (row by row, segment by segment, with numpy.percentile)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels import (CSR, fixed_index_sets, gather_fixed,
+                                  percentile_sparsify)
+from sparsify_cases import (NONFINITE, TINY, assert_csr_identical, hard_cases,
+                            with_nonfinite)
+
+
+def oracle(g, sizes, q):
+    """percentile_sparsify by its definition, one segment at a time."""
+    indptr, indices, data = [0], [], []
+    for row in g:
+        start = 0
+        for size in sizes:
+            segment = row[start:start + size]
+            magnitude = np.abs(segment).astype(np.float64)
+            kept = np.flatnonzero(magnitude > np.percentile(magnitude, q))
+            indices.extend(start + kept)
+            data.extend(segment[kept])
+            start += size
+        indptr.append(len(indices))
+    return CSR(np.array(indptr, dtype=np.int64),
+               np.array(indices, dtype=np.int32),
+               np.array(data, dtype=np.float32), g.shape)
+
+
+@pytest.mark.parametrize('name, g, sizes, q', [
+    pytest.param(*case, id=case[0]) for case in hard_cases(scale=3)])
+def test_hard_cases_match_oracle(name, g, sizes, q):
+    assert_csr_identical(percentile_sparsify(g, sizes, q), oracle(g, sizes, q))
+
+
+def test_long_segment_matches_oracle(rng):
+    g = rng.standard_normal((3, 200_003)).astype(np.float32)
+    g[1, ::5] = 0
+    sizes = [200_000, 3]
+    result = percentile_sparsify(g, sizes, 85.0)
+    assert_csr_identical(result, oracle(g, sizes, 85.0))
+    assert 0.149 < result.nnz / g.size < 0.151
+
+
+def test_cnn_layer_sizes_keep_fifteen_percent(rng):
+    sizes = [4800, 102400, 23040]
+    g = rng.standard_normal((4, sum(sizes))).astype(np.float32)
+    result = percentile_sparsify(g, sizes)
+    assert_csr_identical(result, oracle(g, sizes, 85.0))
+    per_segment = np.add.reduceat(np.bincount(result.indices, minlength=g.shape[1]),
+                                  [0, 4800, 4800 + 102400])
+    np.testing.assert_array_equal(per_segment, 4 * (np.array(sizes) - (
+        np.floor((np.array(sizes) - 1) * 0.85).astype(int) + 1)))
+
+
+def test_threshold_is_float64_not_float32():
+    """Magnitudes 1 and 1 + ulp, q = 70: the float64 interpolation lies
+    below 1 + ulp, so it survives; NumPy's float32 percentile rounds the
+    threshold up to 1 + ulp and would drop it."""
+    big = np.nextafter(np.float32(1), np.float32(2))
+    g = np.array([[1.0, -big]], dtype=np.float32)
+    assert np.percentile(np.abs(g[0]), 70) == big  # the float32 pitfall
+    result = percentile_sparsify(g, [2], 70.0)
+    assert result.indices.tolist() == [1]
+    assert result.data.tolist() == [-big]
+
+
+def test_zeros_and_constant_segments_keep_nothing():
+    g = np.zeros((2, 9), dtype=np.float32)
+    g[:, 4:] = [[0.5, -0.5, 0.5, 0.5, -0.5], [7, 7, 7, 7, 7]]
+    result = percentile_sparsify(g, [4, 5], 10.0)
+    assert result.nnz == 0
+    np.testing.assert_array_equal(result.indptr, [0, 0, 0])
+
+
+def test_denormals_are_ordered_exactly():
+    g = np.array([[0, TINY, -2 * TINY, 3 * TINY, 0, 4 * TINY]], dtype=np.float32)
+    # sorted magnitudes 0, 0, 1, 2, 3, 4 (x TINY): threshold 1.5 * TINY,
+    # which float32 cannot hold (it would round to 2 * TINY)
+    result = percentile_sparsify(g, [6], 50.0)
+    assert result.indices.tolist() == [2, 3, 5]
+
+
+def test_signed_values_and_dtypes(rng):
+    g = rng.standard_normal((6, 50)).astype(np.float32)
+    result = percentile_sparsify(g, [20, 30], 60.0)
+    assert result.indptr.dtype == np.int64 and result.indices.dtype == np.int32
+    assert result.data.dtype == np.float32
+    rows = np.repeat(np.arange(6), np.diff(result.indptr))
+    np.testing.assert_array_equal(result.data, g[rows, result.indices])
+    assert (np.diff(result.indices)[np.diff(rows) == 0] > 0).all()
+
+
+def test_empty_batch():
+    result = percentile_sparsify(np.zeros((0, 5), dtype=np.float32), [2, 3])
+    assert result.shape == (0, 5) and result.nnz == 0
+    np.testing.assert_array_equal(result.indptr, [0])
+
+
+_values = st.one_of(
+    st.sampled_from([0.0, 1.0, -1.0, 2.0, float(TINY), -3 * float(TINY), 1e-38]),
+    st.floats(width=32, allow_nan=False, allow_infinity=False))
+
+
+@st.composite
+def _problems(draw):
+    sizes = draw(st.lists(st.integers(1, 40), min_size=1, max_size=4))
+    rows = draw(st.integers(0, 4))
+    g = draw(hnp.arrays(np.float32, (rows, sum(sizes)), elements=_values))
+    q = draw(st.floats(0, 100, exclude_min=True, exclude_max=True))
+    return g, sizes, q
+
+
+@settings(max_examples=150, deadline=None)
+@given(_problems())
+def test_generated_problems_match_oracle(problem):
+    g, sizes, q = problem
+    assert_csr_identical(percentile_sparsify(g, sizes, q), oracle(g, sizes, q))
+
+
+@pytest.mark.parametrize('q', [0, 100, -1, 100.5, float('nan'), '85', True, None])
+def test_bad_q_is_refused(q):
+    with pytest.raises(GradnetError, match='q must'):
+        percentile_sparsify(np.ones((2, 4), dtype=np.float32), [4], q)
+
+
+@pytest.mark.parametrize('sizes, message', [
+    ([3], 'sum to 3'), ([2, 0, 2], 'positive'), ([5, -1], 'positive'),
+    ([], 'non-empty'), ([[2, 2]], '1-D'), ([2.0, 2.0], 'ints')])
+def test_bad_sizes_are_refused(sizes, message):
+    with pytest.raises(GradnetError, match=message):
+        percentile_sparsify(np.ones((2, 4), dtype=np.float32), sizes)
+
+
+@pytest.mark.parametrize('g, message', [
+    (np.ones(4, dtype=np.float32), '2-D'),
+    (np.ones((1, 2, 2), dtype=np.float32), '2-D'),
+    (np.ones((2, 4)), 'float32, got float64'),
+    (np.ones((2, 4), dtype=np.int32), 'float32, got int32'),
+    ([[1.0, 2.0, 3.0, 4.0]], 'NumPy or CuPy array')])
+def test_bad_g_is_refused(g, message):
+    with pytest.raises(GradnetError, match=message):
+        percentile_sparsify(g, [4])
+
+
+@pytest.mark.parametrize('bad', NONFINITE)
+def test_nonfinite_g_is_refused(bad):
+    with pytest.raises(GradnetError, match='NaN or Inf'):
+        percentile_sparsify(with_nonfinite(np, bad), [30, 10])
+
+
+# gather_fixed and fixed_index_sets
+
+def gather_oracle(g, sets, candidates):
+    """gather_fixed by its definition, one row at a time."""
+    indptr, indices, data = [0], [], []
+    for row, label in zip(g, candidates):
+        columns = sets[label]
+        kept = columns[row[columns] != 0]
+        indices.extend(kept)
+        data.extend(row[kept])
+        indptr.append(len(indices))
+    return CSR(np.array(indptr, dtype=np.int64),
+               np.array(indices, dtype=np.int32),
+               np.array(data, dtype=np.float32), g.shape)
+
+
+def index_sets_oracle(g, candidates, sizes, n_labels, fraction):
+    """Per label, per segment: the best-scored columns by a Python sort."""
+    sets = []
+    for label in range(n_labels):
+        score = np.abs(g[candidates == label].astype(np.float64)).mean(axis=0)
+        chosen, start = [], 0
+        for size in sizes:
+            k = max(1, round(fraction * size))
+            ranked = sorted(range(start, start + size), key=lambda j: (-score[j], j))
+            chosen.extend(sorted(ranked[:k]))
+            start += size
+        sets.append(np.array(chosen))
+    return sets
+
+
+def test_fixed_index_sets_and_gather_match_oracles(rng):
+    sizes, n_labels = [40, 100, 7], 3
+    sample = rng.standard_normal((30, sum(sizes))).astype(np.float32)
+    sample[:, 50:60] *= 5  # important coordinates
+    sample[:, 3] = 0
+    labels = np.arange(30) % n_labels
+    sets = fixed_index_sets(sample, labels, sizes, n_labels, fraction=0.1)
+    expected = index_sets_oracle(sample, labels, sizes, n_labels, 0.1)
+    assert sets.shape == (n_labels, sum(sizes))
+    for label in range(n_labels):
+        row = sets.indices[sets.indptr[label]:sets.indptr[label + 1]]
+        np.testing.assert_array_equal(row, expected[label])
+        assert set(range(50, 60)) <= set(row.tolist())
+    g = rng.standard_normal((12, sum(sizes))).astype(np.float32)
+    g[::2, 50:55] = 0  # zeros are not stored
+    candidates = rng.integers(0, n_labels, size=12)
+    assert_csr_identical(gather_fixed(g, sets, candidates),
+                         gather_oracle(g, expected, candidates))
+
+
+def test_fixed_index_sets_break_ties_by_column():
+    sample = np.ones((2, 10), dtype=np.float32)
+    sets = fixed_index_sets(sample, [0, 0], [10], 1, fraction=0.3)
+    assert sets.indices.tolist() == [0, 1, 2]
+    assert sets.data.dtype == np.float32 and sets.data.tolist() == [1, 1, 1]
+
+
+def test_gather_fixed_empty_batch():
+    sets = CSR(np.array([0, 2]), np.array([1, 3], dtype=np.int32),
+               np.ones(2, dtype=np.float32), (1, 5))
+    result = gather_fixed(np.zeros((0, 5), dtype=np.float32), sets,
+                          np.zeros(0, dtype=np.int64))
+    assert result.shape == (0, 5) and result.nnz == 0
+    np.testing.assert_array_equal(result.indptr, [0])
+
+
+def _sets(indptr, indices, n=6):
+    return CSR(np.array(indptr), np.array(indices, dtype=np.int32),
+               np.ones(len(indices), dtype=np.float32), (len(indptr) - 1, n))
+
+
+@pytest.mark.parametrize('sets, candidates, message', [
+    (_sets([0, 2, 3], [1, 4, 0]), [0, 2], r'in \[0, 2\)'),
+    (_sets([0, 2, 3], [1, 4, 0]), [[0, 1]], 'integer labels'),
+    (_sets([0, 2, 3], [1, 4, 0]), [0.0, 1.0], 'integer labels'),
+    (_sets([0, 2, 3], [4, 1, 0]), [0, 1], 'strictly ascending'),
+    (_sets([0, 2, 3], [1, 1, 0]), [0, 1], 'strictly ascending'),
+    (_sets([0, 2, 3], [1, 6, 0]), [0, 1], r'in \[0, 6\)'),
+    (_sets([0, 3, 2], [1, 4, 0]), [0, 1], 'indptr'),
+    (_sets([0, 2, 3], [1, 4, 0], n=7), [0, 1], 'one column per column'),
+])
+def test_gather_fixed_refuses_bad_input(sets, candidates, message):
+    g = np.ones((2, 6), dtype=np.float32)
+    with pytest.raises(GradnetError, match=message):
+        gather_fixed(g, sets, np.array(candidates))
+
+
+@pytest.mark.parametrize('bad', NONFINITE)
+def test_gather_fixed_refuses_nonfinite_g(bad):
+    g = with_nonfinite(np, bad, shape=(2, 6), at=(1, 5))
+    with pytest.raises(GradnetError, match='NaN or Inf'):
+        gather_fixed(g, _sets([0, 2], [1, 4]), np.array([0, 0]))
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(n_labels=3), 'no sample row has candidate label 2'),
+    (dict(fraction=0.0), 'fraction'), (dict(fraction=1.5), 'fraction'),
+    (dict(candidates=[0, 5, 1, 0]), r'in \[0, 2\)')])
+def test_fixed_index_sets_refuses_bad_input(kwargs, message):
+    args = dict(g_sample=np.ones((4, 6), dtype=np.float32),
+                candidates=[0, 1, 1, 0], sizes=[2, 4], n_labels=2)
+    args.update(kwargs)
+    with pytest.raises(GradnetError, match=message):
+        fixed_index_sets(**args)
