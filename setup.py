@@ -10,7 +10,7 @@ setup(
     python_requires='>=3.9',
     packages=['gradnet_cupy', 'gradnet_cupy.kernels'],
     package_dir={'gradnet_cupy.kernels': 'kernels'},
-    package_data={'gradnet_cupy.kernels': ['*.cu', '*.cuh', '*.h']},
+    package_data={'gradnet_cupy.kernels': ['*.cu', '*.cuh', '*.h', '*.json']},
     install_requires=[
         'chainer==7.8.1',
         'numpy>=1.26',

@@ -1,0 +1,324 @@
+"""Block-diagonal outer-product accumulation: ``G_b += sum_i w_i t_i[b] t_i[b]^T``.
+
+For each CSR row ``t_i`` (weight ``w_i``, default 1) and each diagonal block
+``b`` of a :class:`~gradnet_cupy.kernels.blocks.Blocks` (columns
+``[start_b, start_b + size_b)``), the dense ``size_b x size_b`` block ``G_b``
+of the packed array ``G`` gains ``w_i t_i[b] t_i[b]^T``, in place.
+
+Two algorithms compute the same sums:
+
+``sparse``
+    Works on the nonzeros only: the entries of row ``i`` inside block ``b``
+    are one contiguous sorted run of the CSR row, and each pair ``(j, k)`` of
+    the run adds ``w_i * (t_ij * t_ik)`` to ``G_b[j, k]``; the work is
+    ``sum over (row, block) of run_length ** 2``. NumPy: the reference below
+    (the specification). CuPy: the CUDA kernel ``block_outer.cu``.
+``dense``
+    Zero-fills each block's slice of the rows into a dense ``(rows, size_b)``
+    matrix ``X`` (equal-size blocks batched) and adds ``X^T diag(w) X`` by a
+    matrix product (BLAS / cuBLAS); the work is ``rows * size_b ** 2``.
+
+``method='auto'`` picks per block: dense where the block's density
+``nnz_b / (rows * size_b)`` is at least the crossover density measured for
+its size (``block_outer_crossover.json``, written from bench/results by
+``bench/bench_metric.py``), sparse elsewhere.
+
+Dtypes and rounding contract. ``G`` is float32 or float64 (float64
+recommended for a metric: many batches are summed into it). The NumPy sparse
+reference forms each term in float64 (``t_ij * t_ik`` of two float32 values
+is exact there, then times ``w_i``), sums the terms of one call in float64 in
+row order and adds the sum to ``G`` once (one rounding to ``G``'s dtype).
+The CUDA kernel forms and sums the terms in ``G``'s dtype (float: the
+product and each addition round to float32), in a fixed order (each G entry
+is owned by one thread block; no atomics), so it is deterministic run to run
+but not bitwise equal to the reference: entries agree to within a few units
+of ``G``'s precision times the sum of ``|w_i t_ij t_ik|`` over the rows. The
+dense path computes in ``G``'s dtype by BLAS, with the same kind of bound.
+"""
+import json
+from importlib import resources
+
+import numpy as np
+
+from gradnet_cupy.backend import get_array_module
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels.blocks import Blocks
+from gradnet_cupy.kernels.csr import CSR
+
+METHODS = ('auto', 'sparse', 'dense')
+CUDA_SOURCE = 'block_outer.cu'
+CUDA_TILE = 32                    # TILE of block_outer.cu
+CUDA_THREADS = {'block_outer_f32': 8 * 32,     # F32_GROUPS * GROUP_THREADS
+                'block_outer_f64': 4 * 32}     # F64_GROUPS * GROUP_THREADS
+CROSSOVER_FILE = 'block_outer_crossover.json'
+PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
+DENSE_CHUNK = 1 << 24   # entries of the zero-filled (blocks, rows, size) slab
+
+
+def block_outer_accumulate(csr, blocks, G, weights=None, stream=None,
+                           method='auto'):
+    """``G_b += sum_i weights[i] * t_i[b] t_i[b]^T`` for every block, in place.
+
+    ``csr``: :class:`CSR` (rows x ``blocks.n_columns``), NumPy or CuPy;
+    ``blocks``: :class:`Blocks`; ``G``: float32 or float64
+    ``(blocks.packed_size,)`` of the same array module, the packed blocks;
+    ``weights``: optional float ``(rows,)`` (default all ones); ``stream``: a
+    ``cupy.cuda.Stream`` to run on (CuPy only; default the current stream);
+    ``method``: ``'auto' | 'sparse' | 'dense'`` (module docstring).
+    Returns ``G``.
+    """
+    xp = _check_inputs(csr, blocks, G, weights, method)
+    if xp is np or stream is None:
+        return _accumulate(csr, blocks, G, weights, method, xp)
+    with stream:
+        return _accumulate(csr, blocks, G, weights, method, xp)
+
+
+def _accumulate(csr, blocks, G, weights, method, xp):
+    rows = csr.shape[0]
+    w = (xp.ones(rows, dtype=np.float32) if weights is None
+         else xp.asarray(weights, dtype=np.float32))
+    if method == 'auto':
+        entries = _BlockEntries(csr, blocks)
+        dense = choose_dense(entries.counts(), blocks.on(xp).sizes, rows, xp)
+    else:
+        dense = xp.full(len(blocks), method == 'dense', dtype=bool)
+        needed = method == 'dense' or xp is np   # the CUDA kernel reads the CSR
+        entries = _BlockEntries(csr, blocks) if needed else None
+    if bool(dense.any()):
+        _dense(entries, blocks, G, w, dense, xp)
+    if not bool(dense.all()):
+        if xp is np:
+            _sparse_reference(entries, blocks, G, w, ~dense)
+        else:
+            from gradnet_cupy.kernels._cuda import launcher
+            sparse_launch(launcher(CUDA_SOURCE), csr, blocks, G, w,
+                          _to_numpy(~dense))
+    return G
+
+
+def sparse_launch(launch, csr, blocks, G, w, selected):
+    """Runs the CUDA kernel of ``block_outer.cu`` on the ``selected`` blocks
+    (bool (k,), host) through ``launch(name, grid, block, shared_mem, args)``
+    (``gradnet_cupy.kernels._cuda.launcher`` on a GPU, the CPU emulation in
+    tests). ``csr``, ``G`` and ``w`` (float32 (rows,)) are arrays of one
+    module."""
+    xp = get_array_module(G)
+    tiles = [xp.asarray(part) for part in tile_list(blocks, selected)]
+    if not len(tiles[0]):
+        return
+    device = blocks.on(xp)
+    name = 'block_outer_f64' if G.dtype == np.float64 else 'block_outer_f32'
+    arrays = [xp.ascontiguousarray(a)
+              for a in (csr.indptr, csr.indices, csr.data, w)]
+    launch(name, (len(tiles[0]),), (CUDA_THREADS[name],), 0,
+           (*arrays, np.int64(csr.shape[0]), device.starts, device.sizes,
+            device.offsets, *tiles, G))
+
+
+def tile_list(blocks, selected):
+    """The kernel's work items: every upper-triangle ``TILE x TILE`` tile
+    ``(tile_row <= tile_col)`` of every selected block, as three int32
+    arrays (block, tile_row, tile_col)."""
+    ids = np.flatnonzero(selected)
+    per_side = -(-blocks.sizes[ids] // CUDA_TILE)
+    parts = ([], [], [])
+    for n in np.unique(per_side):
+        group = ids[per_side == n]
+        row, col = np.triu_indices(n)
+        parts[0].append(np.repeat(group, len(row)))
+        parts[1].append(np.tile(row, len(group)))
+        parts[2].append(np.tile(col, len(group)))
+    return [np.concatenate(part or [np.zeros(0)]).astype(np.int32)
+            for part in parts]
+
+
+class _BlockEntries:
+    """The nonzeros of a CSR batch that lie inside blocks, in CSR order.
+
+    ``row``, ``block``: int64 (m,); ``local``: int64 column within the block;
+    ``data``: float32 (m,).
+    """
+
+    def __init__(self, csr, blocks):
+        xp = get_array_module(csr.data)
+        block = blocks.column_block(csr.indices)
+        row = xp.repeat(xp.arange(csr.shape[0], dtype=np.int64),
+                        xp.diff(csr.indptr).astype(np.int64))
+        keep = xp.flatnonzero(block >= 0)
+        self.row, self.block = row[keep], block[keep]
+        self.local = (csr.indices[keep].astype(np.int64)
+                      - blocks.on(xp).starts[self.block])
+        self.data = csr.data[keep]
+        self.n_blocks = len(blocks)
+        self.xp = xp
+
+    def counts(self):
+        """Nonzeros per block, int64 (k,)."""
+        return self.xp.bincount(self.block, minlength=self.n_blocks)
+
+
+def _sparse_reference(entries, blocks, G, w, selected):
+    """NumPy reference of the sparse algorithm on the ``selected`` blocks.
+
+    Runs (the entries of one row in one block) are taken in (block, row)
+    order; every ordered pair (j, k) of a run adds ``w * (t_j * t_k)`` in
+    float64 to ``G_b[local_j, local_k]``; the sums of one call go into G by
+    one addition.
+    """
+    keep = np.flatnonzero(selected[entries.block])
+    row, block = entries.row[keep], entries.block[keep]
+    local, data = entries.local[keep], entries.data[keep].astype(np.float64)
+    if not len(row):
+        return
+    key = row * entries.n_blocks + block          # runs are contiguous in it
+    begin = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    length = np.diff(np.append(begin, len(key)))
+    order = np.argsort(block[begin] * (row[-1] + 1) + row[begin])
+    begin, length = begin[order], length[order]
+    pairs = np.cumsum(length * length)
+    first = 0
+    while first < len(begin):
+        done = pairs[first - 1] if first else 0
+        last = max(first + 1,
+                   int(np.searchsorted(pairs, done + PAIR_CHUNK, 'right')))
+        _add_pairs(begin[first:last], length[first:last], row, block, local,
+                   data, blocks, G, w)
+        first = last
+
+
+def _add_pairs(begin, length, row, block, local, data, blocks, G, w):
+    """Adds all pairs of the runs ``(begin, length)`` (sorted by block)."""
+    count = length * length
+    run = np.repeat(np.arange(len(begin)), count)
+    rank = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count,
+                                                   count)
+    j = begin[run] + rank // length[run]
+    k = begin[run] + rank % length[run]
+    b = block[j]
+    flat = blocks.offsets[b] + local[j] * blocks.sizes[b] + local[k]
+    term = w[row[j]].astype(np.float64) * (data[j] * data[k])
+    lo, hi = blocks.offsets[b[0]], blocks.offsets[b[-1] + 1]
+    G[lo:hi] += np.bincount(flat - lo, weights=term, minlength=hi - lo)
+
+
+def _dense(entries, blocks, G, w, selected, xp):
+    """Dense path on the ``selected`` blocks: per group of equal-size blocks
+    a zero-filled (group, rows, size) slab X and ``G_b += X_b^T diag(w) X_b``
+    by batched matmul in G's dtype."""
+    sizes = blocks.sizes
+    chosen = np.flatnonzero(_to_numpy(selected))
+    rows = len(w)
+    offsets = blocks.on(xp).offsets
+    for size in np.unique(sizes[chosen]):
+        group = chosen[sizes[chosen] == size]
+        per_chunk = max(1, DENSE_CHUNK // max(1, rows * int(size)))
+        for first in range(0, len(group), per_chunk):
+            ids = xp.asarray(group[first:first + per_chunk])
+            position = xp.full(len(blocks), -1, dtype=np.int64)
+            position[ids] = xp.arange(len(ids))
+            where = position[entries.block]
+            keep = xp.flatnonzero(where >= 0)
+            X = xp.zeros((len(ids), rows, int(size)), dtype=G.dtype)
+            X[where[keep], entries.row[keep], entries.local[keep]] = \
+                entries.data[keep]
+            product = xp.matmul(X.transpose(0, 2, 1),
+                                X * w.astype(G.dtype)[None, :, None])
+            target = offsets[ids][:, None] + xp.arange(int(size) ** 2)
+            G[target.ravel()] += product.reshape(-1)
+
+
+def load_crossovers():
+    """The packaged crossover table: ``{backend: {'block_sizes': [...],
+    'crossover_density': [...], ...}}`` for backends ``numpy`` and ``cupy``."""
+    text = resources.files('gradnet_cupy.kernels').joinpath(
+        CROSSOVER_FILE).read_text()
+    return json.loads(text)['crossovers']
+
+
+def crossover_density(backend, sizes, table=None):
+    """Density at and above which the dense path is used, per block size.
+
+    Interpolates the measured crossovers linearly in ``log2(size)``, clamped
+    to the end points. ``backend``: ``'numpy' | 'cupy'``; ``sizes``: int
+    array (host). Returns float64 of ``sizes``' shape.
+    """
+    entry = (table or load_crossovers())[backend]
+    return np.interp(np.log2(np.asarray(sizes, dtype=np.float64)),
+                     np.log2(entry['block_sizes']),
+                     entry['crossover_density'])
+
+
+def choose_dense(counts, sizes, rows, xp):
+    """Bool (k,) of module ``xp``: which blocks the auto dispatcher sends to
+    the dense path, from nonzeros per block ``counts`` and ``sizes``."""
+    backend = 'numpy' if xp is np else 'cupy'
+    threshold = xp.asarray(crossover_density(backend, _to_numpy(sizes)))
+    density = counts / (max(rows, 1) * sizes)
+    return density >= threshold
+
+
+def _to_numpy(array):
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def check_csr(csr, n_columns):
+    """Raises :class:`GradnetError` unless ``csr`` is a well-formed
+    :class:`CSR` with ``n_columns`` columns and strictly increasing column
+    indices within each row. Returns its array module."""
+    if not isinstance(csr, CSR):
+        raise GradnetError(f'expected a CSR batch, got {type(csr).__name__}')
+    xp = get_array_module(csr.indptr, csr.indices, csr.data)
+    rows, columns = csr.shape
+    if columns != n_columns:
+        raise GradnetError(
+            f'the CSR batch has {columns} columns but the blocks are over '
+            f'{n_columns} columns')
+    if csr.indptr.shape != (rows + 1,) or csr.data.shape != csr.indices.shape:
+        raise GradnetError(
+            f'malformed CSR: indptr {csr.indptr.shape} for {rows} rows, '
+            f'indices {csr.indices.shape}, data {csr.data.shape}')
+    for name, dtype in (('indptr', np.int64), ('indices', np.int32),
+                        ('data', np.float32)):
+        if getattr(csr, name).dtype != dtype:
+            raise GradnetError(f'CSR {name} must be {np.dtype(dtype).name}, '
+                               f'got {getattr(csr, name).dtype}')
+    if (int(csr.indptr[0]) != 0 or int(csr.indptr[-1]) != csr.nnz
+            or bool((xp.diff(csr.indptr) < 0).any())):
+        raise GradnetError('malformed CSR: indptr must rise from 0 to nnz')
+    if csr.nnz and bool(((csr.indices < 0) | (csr.indices >= columns)).any()):
+        raise GradnetError(
+            f'CSR column indices out of range [0, {columns})')
+    rising = xp.diff(csr.indices.astype(np.int64)) > 0
+    row_start = xp.zeros(csr.nnz, dtype=bool)
+    row_start[csr.indptr[1:-1][csr.indptr[1:-1] < csr.nnz]] = True
+    if csr.nnz and not bool((rising | row_start[1:]).all()):
+        raise GradnetError(
+            'CSR column indices must be strictly increasing within each row')
+    return xp
+
+
+def _check_inputs(csr, blocks, G, weights, method):
+    if method not in METHODS:
+        raise GradnetError(
+            f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if not isinstance(blocks, Blocks):
+        raise GradnetError(f'expected Blocks, got {type(blocks).__name__}')
+    xp = check_csr(csr, blocks.n_columns)
+    if get_array_module(G) is not xp:
+        raise GradnetError('G and the CSR batch must be on the same device')
+    if G.dtype not in (np.float32, np.float64):
+        raise GradnetError(f'G must be float32 or float64, got {G.dtype}')
+    if G.shape != (blocks.packed_size,) or not G.flags.c_contiguous:
+        raise GradnetError(
+            f'G must be the packed blocks, a contiguous array of shape '
+            f'({blocks.packed_size},), got {G.shape}')
+    if weights is not None:
+        if get_array_module(weights) is not xp:
+            raise GradnetError(
+                'weights and the CSR batch must be on the same device')
+        if weights.shape != (csr.shape[0],):
+            raise GradnetError(
+                f'weights must have shape ({csr.shape[0]},), got '
+                f'{weights.shape}')
+    return xp

@@ -1,0 +1,184 @@
+"""block_outer_accumulate (NumPy paths) against the dense oracle."""
+import numpy as np
+import pytest
+
+from block_outer_cases import (abs_oracle, csr_from_dense, gappy_blocks,
+                               oracle, random_csr)
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
+from gradnet_cupy.kernels import block_outer
+
+# Rounding contract (kernels/block_outer.py): entries agree to a few units of
+# G's precision times the sum of |terms|.
+TOLERANCE = {np.float64: 1e-13, np.float32: 1e-6}
+
+
+def assert_close(G, expected, scale):
+    bound = TOLERANCE[G.dtype.type] * np.maximum(scale, 1e-30)
+    excess = np.abs(G.astype(np.float64) - expected) - bound
+    assert excess.max() <= 0, f'worst excess {excess.max()}'
+
+
+@pytest.mark.parametrize('method', ['sparse', 'dense', 'auto'])
+@pytest.mark.parametrize('dtype', [np.float64, np.float32])
+@pytest.mark.parametrize('weighted', [False, True])
+def test_matches_dense_oracle(rng, method, dtype, weighted):
+    # empty rows, a row with entries only outside the blocks, blocks of size
+    # 1 and 2, columns in no block
+    csr, dense = random_csr(rng, 60, 130, 0.25, empty_rows=[0, 17, 59])
+    dense[5] = 0
+    dense[5, [4, 129]] = [1.5, -2.0]
+    csr = csr_from_dense(dense)
+    blocks = gappy_blocks(130)
+    weights = (rng.random(60).astype(np.float32) if weighted else None)
+    G = np.zeros(blocks.packed_size, dtype=dtype)
+    assert block_outer_accumulate(csr, blocks, G, weights,
+                                  method=method) is G
+    assert_close(G, oracle(dense, blocks, weights),
+                 abs_oracle(dense, blocks, weights))
+
+
+def test_accumulates_in_place_over_batches(rng):
+    csr, dense = random_csr(rng, 90, 64, 0.3, empty_rows=[40])
+    blocks = Blocks.contiguous([16, 16, 32])
+    weights = rng.random(90).astype(np.float32)
+    once = np.zeros(blocks.packed_size)
+    block_outer_accumulate(csr, blocks, once, weights)
+    split = np.zeros(blocks.packed_size)
+    for lo, hi in [(0, 25), (25, 26), (26, 90)]:
+        part = csr_from_dense(dense[lo:hi])
+        block_outer_accumulate(part, blocks, split, weights[lo:hi],
+                               method='sparse' if lo else 'dense')
+    np.testing.assert_allclose(split, once, rtol=1e-12,
+                               atol=1e-13 * np.abs(once).max())
+
+
+def test_sparse_and_dense_paths_agree_on_one_block(rng):
+    # a run of length one, a block wider than the rows and an empty batch
+    for rows, columns, density in [(1, 1, 1.0), (3, 300, 0.1), (0, 8, 0.5)]:
+        csr, dense = random_csr(rng, rows, columns, density)
+        blocks = Blocks([0], [columns], columns)
+        results = []
+        for method in ('sparse', 'dense'):
+            G = np.full(blocks.packed_size, 0.5)
+            block_outer_accumulate(csr, blocks, G, method=method)
+            results.append(G)
+        expected = 0.5 + oracle(dense, blocks)
+        for G in results:
+            np.testing.assert_allclose(G, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('method, constant, limit', [
+    ('sparse', 'PAIR_CHUNK', 50), ('dense', 'DENSE_CHUNK', 650)])
+def test_paths_work_in_chunks(rng, monkeypatch, method, constant, limit):
+    """Tiny chunk limits: the reference forms pairs for a few runs at a
+    time, the dense path zero-fills two blocks at a time."""
+    csr, dense = random_csr(rng, 30, 100, 0.4)
+    blocks = Blocks.contiguous([7, 43, 10, 10, 10, 10, 10])
+    monkeypatch.setattr(block_outer, constant, limit)
+    G = np.zeros(blocks.packed_size)
+    block_outer_accumulate(csr, blocks, G, method=method)
+    np.testing.assert_allclose(G, oracle(dense, blocks), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_auto_splits_blocks_by_crossover(rng, monkeypatch):
+    """Blocks at or above the crossover density go dense, the rest sparse;
+    the result is the oracle's either way."""
+    rows = 50
+    dense = np.zeros((rows, 96), dtype=np.float32)
+    dense[:, :32] = rng.standard_normal((rows, 32))           # density 1
+    sparse_part = rng.standard_normal((rows, 64))
+    sparse_part[rng.random((rows, 64)) >= 0.05] = 0
+    dense[:, 32:] = sparse_part
+    csr = csr_from_dense(dense)
+    blocks = Blocks.contiguous([32, 64])
+    table = {'numpy': {'block_sizes': [16, 128],
+                       'crossover_density': [0.5, 0.5]}}
+    monkeypatch.setattr(block_outer, 'load_crossovers', lambda: table)
+    counts = np.array([np.count_nonzero(dense[:, :32]),
+                       np.count_nonzero(dense[:, 32:])])
+    chosen = block_outer.choose_dense(counts, blocks.sizes, rows, np)
+    assert chosen.tolist() == [True, False]
+    calls = []
+    for name in ('_dense', '_sparse_reference'):
+        original = getattr(block_outer, name)
+
+        def spy(entries, blocks_, G, w, selected, *rest, _o=original, _n=name):
+            calls.append((_n, np.flatnonzero(selected).tolist()))
+            return _o(entries, blocks_, G, w, selected, *rest)
+        monkeypatch.setattr(block_outer, name, spy)
+    G = np.zeros(blocks.packed_size)
+    block_outer_accumulate(csr, blocks, G)
+    assert sorted(calls) == [('_dense', [0]), ('_sparse_reference', [1])]
+    np.testing.assert_allclose(G, oracle(dense.astype(np.float64), blocks),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_crossover_interpolates_in_log_size():
+    table = {'cupy': {'block_sizes': [64, 256, 4096],
+                      'crossover_density': [0.4, 0.2, 0.1]}}
+    got = block_outer.crossover_density('cupy', [16, 64, 128, 256, 8192],
+                                        table)
+    np.testing.assert_allclose(got, [0.4, 0.4, 0.3, 0.2, 0.1])
+
+
+def test_packaged_crossovers_cover_both_backends():
+    table = block_outer.load_crossovers()
+    for backend in ('numpy', 'cupy'):
+        entry = table[backend]
+        assert len(entry['block_sizes']) == len(entry['crossover_density'])
+        density = block_outer.crossover_density(backend, [64, 1024, 4096])
+        assert ((density >= 0) & (density <= 1.01)).all()
+
+
+def test_blocks_offsets_and_split():
+    blocks = Blocks([2, 10], [3, 7], 20)
+    assert blocks.offsets.tolist() == [0, 9, 58]
+    assert blocks.packed_size == 58 and blocks.covered == 10
+    split = blocks.split(3)
+    assert split.starts.tolist() == [2, 10, 13, 15]
+    assert split.sizes.tolist() == [3, 3, 2, 2]
+    assert blocks.column_block(np.array([0, 2, 4, 5, 9, 16, 17])).tolist() \
+        == [-1, 0, 0, -1, -1, 1, -1]
+
+
+@pytest.mark.parametrize('starts, sizes, n, message', [
+    ([0, 4], [5, 3], 10, 'overlap'),
+    ([4, 0], [2, 2], 10, 'ascending'),
+    ([8], [3], 10, 'out of range'),
+    ([-1], [3], 10, 'out of range'),
+    ([0], [0], 10, 'size >= 1'),
+    ([0, 1], [1], 10, '1-D of one length'),
+    ([0.5], [1], 10, 'integers'),
+])
+def test_blocks_validation(starts, sizes, n, message):
+    with pytest.raises(GradnetError, match=message):
+        Blocks(starts, sizes, n)
+
+
+def test_input_validation(rng):
+    csr, _ = random_csr(rng, 4, 10, 0.5)
+    blocks = Blocks.contiguous([4, 6])
+    G = np.zeros(blocks.packed_size)
+    cases = [
+        (dict(blocks=Blocks.contiguous([4, 5])), '9 columns'),
+        (dict(G=np.zeros(5)), 'contiguous array of shape'),
+        (dict(G=np.zeros(2 * blocks.packed_size)[::2]), 'contiguous'),
+        (dict(G=np.zeros(blocks.packed_size, dtype=np.int64)), 'float32 or'),
+        (dict(weights=np.ones(3)), r'weights must have shape \(4,\)'),
+        (dict(method='fast'), 'unknown method'),
+        (dict(csr=csr._replace(indices=csr.indices[::-1].copy())),
+         'strictly increasing'),
+        (dict(csr=csr._replace(indices=csr.indices + 10)), 'out of range'),
+        (dict(csr=csr._replace(data=csr.data.astype(np.float64))),
+         'data must be float32'),
+        (dict(csr=csr._replace(indptr=csr.indptr[::-1].copy())),
+         'indptr must rise'),
+    ]
+    for change, message in cases:
+        args = dict(csr=csr, blocks=blocks, G=G, weights=None,
+                    method='auto')
+        args.update(change)
+        with pytest.raises(GradnetError, match=message):
+            block_outer_accumulate(**args)
