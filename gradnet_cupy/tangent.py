@@ -15,12 +15,18 @@ Public API
 ----------
 ``parameter_layout(model, *, include_bias=False, include_batchnorm=False,
 include_deconvolution=False, include_embed_id=False, links=None)``
-    -> :class:`ParameterLayout` (which parameters, in which order; its
-    ``block_sizes`` are the per-layer ``sizes`` used downstream).
+    -> :class:`ParameterLayout` (which parameters, in which order: one block
+    per link, blocks in the model's definition order; its ``block_sizes``
+    are the per-layer ``sizes`` used downstream; JSON-able via
+    ``to_dict``/``from_dict``).
 
 ``tangent_features(model, x, labels=None, candidates='random', *,
-layout=None, seed=0, weight_decay=0.0, strict=False, max_bytes=MAX_BYTES)``
-    -> :class:`TangentBatch` with every row at once.
+layout=None, seed=0, weight_decay=0.0, strict=False, max_bytes=MAX_BYTES,
+n_threads=None)`` -> :class:`TangentBatch` with every row at once.
+``weight_decay`` adds ``weight_decay * theta`` to every selected parameter's
+gradient (off by default). ``n_threads`` (CPU only): each chunk is split
+into that many sub-batches run in parallel threads with single-threaded
+BLAS (default: the CPUs this process may use).
 
 ``iter_tangent_features(...same..., reuse_buffer=False)``
     -> iterator of :class:`TangentBatch` chunks of whole samples, sized so
@@ -31,11 +37,11 @@ layout=None, seed=0, weight_decay=0.0, strict=False, max_bytes=MAX_BYTES)``
     the values agree to rounding (Chainer's forward pass itself is not
     bit-identical across batch sizes: BLAS blocking).
 
-``logit_jacobian(model, x, *, layout=None, strict=False, max_bytes=MAX_BYTES)``
-    -> array (n, C, n_params): row ``[i, k]`` is d z_ik / d theta.
+``logit_jacobian(model, x, *, layout=None, strict=False, max_bytes=MAX_BYTES,
+n_threads=None)`` -> array (n, C, n_params): ``[i, k]`` is d z_ik / d theta.
 ``iter_logit_jacobian(model, x, labels=None, *, layout=None, strict=False,
-max_bytes=MAX_BYTES, reuse_buffer=False)`` -> its chunks as TangentBatch
-    (``candidate`` = logit index ``k``).
+max_bytes=MAX_BYTES, n_threads=None, reuse_buffer=False)`` -> its chunks as
+    TangentBatch (``candidate`` = logit index ``k``).
 
 Candidates (``candidates=``): ``'true'`` (the label, needs ``labels``),
 ``'random'`` (uniform over the classes, drawn once for the whole ``x`` from
@@ -79,6 +85,8 @@ The gradient of CE for candidate ``c`` w.r.t. the logits is
 gradients per sample are C different vectors, so C passes are needed anyway,
 and seeding with ``softmax(z) - e_c`` directly avoids combining Jacobian rows
 afterwards. The logit Jacobian uses the same machinery seeded with ``e_k``.
+The output gradients of all passes are stacked, (n, passes, ...), and each
+rule runs once over them (im2col of a convolution input is done once).
 
 Links without a rule, and rule links used in a way the rules do not cover
 (batch axis not first, a parameter also used outside the link's own call, a
