@@ -15,18 +15,17 @@ import tempfile
 import click
 import numpy as np
 
-from gradnet_cupy import __version__
+from gradnet_cupy import __version__, gradnet
 from gradnet_cupy.backend import DEVICES, resolve_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy import gradnet
 from gradnet_cupy.extract import (
     CANDIDATE_MODES, SPLITS, extract_to_store, model_provenance, parse_shard)
 from gradnet_cupy.models import MODELS, build_model, to_device
-from gradnet_cupy.normalize import METHODS, Normalizer
+from gradnet_cupy.normalize import METHODS
 from gradnet_cupy.store import (
     COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
-from gradnet_cupy.tangent import ParameterLayout, parameter_layout
+from gradnet_cupy.tangent import parameter_layout
 from gradnet_cupy.train_base import (
     OPTIMIZERS, load_base, load_snapshot, train_base)
 
@@ -292,7 +291,7 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
             raise GradnetError('--online needs --model SNAPSHOT')
         data = load_dataset(dataset, data_dir, subset)
         base, layout = load_base_model(snapshot, arch, data, device)
-        model, normalizer, history = fit_online(
+        model, normalizer, history = gradnet.fit_online(
             base, layout, data, q, normalize, power, net_options,
             train_options, device, progress=not as_json)
         source = {'online': True, 'model': snapshot, 'arch': arch,
@@ -301,80 +300,17 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
         if train_path is None or test_path is None:
             raise GradnetError('fit needs --train and --test stores '
                                '(or --online --model SNAPSHOT)')
-        model, normalizer, history = fit_stores(
+        model, normalizer, history = gradnet.fit_stores(
             train_path, test_path, normalize, power, net_options,
             train_options, device, progress=not as_json)
         source = {'train': train_path, 'test': test_path}
-    summary = save_fit(out, model, normalizer, history,
+    summary = gradnet.save_fit(out, model, normalizer, history,
                        dict(source, normalize=normalize, power=power,
                             **train_options))
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
            f"(hidden {','.join(map(str, model.hidden_sizes))}); saved in "
            f"{out}")
-
-
-def fit_stores(train_path, test_path, normalize, power, net_options,
-               train_options, device, progress):
-    """GradNet trained on a training store, evaluated on a test store:
-    ``(model, normalizer, history)``."""
-    with TangentStore.open(train_path) as train_store, \
-            TangentStore.open(test_path) as test_store:
-        block_sizes = ParameterLayout.from_dict(train_store.layout).block_sizes
-        normalizer = Normalizer.fit(normalize, train_store.column_stats(),
-                                    block_sizes, power)
-        model = gradnet.build_gradnet(
-            block_sizes, gradnet.store_classes(train_store), **net_options)
-        history = _train(
-            model, device, train_options,
-            gradnet.store_batches(train_store, normalizer,
-                                  train_options['batch'],
-                                  train_options['seed'], device),
-            gradnet.store_evaluator(model, test_store, normalizer, device),
-            progress)
-    return model, normalizer, history
-
-
-def fit_online(base, layout, data, q, normalize, power, net_options,
-               train_options, device, progress):
-    """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
-    history)``."""
-    seed = train_options['seed']
-    stats = gradnet.online_column_stats(base, layout, data, q, seed, device)
-    normalizer = Normalizer.fit(normalize, stats, layout.block_sizes, power)
-    model = gradnet.build_gradnet(layout.block_sizes, data.n_classes,
-                                  **net_options)
-    history = _train(
-        model, device, train_options,
-        gradnet.online_batches(base, layout, data, q, normalizer,
-                               train_options['batch'], seed, device),
-        gradnet.online_evaluator(model, base, layout, data, q, normalizer,
-                                 device),
-        progress)
-    return model, normalizer, history
-
-
-def _train(model, device, options, epoch_batches, evaluate_test, progress):
-    to_device(model, device)
-    optimizer = gradnet.make_optimizer(
-        model, options['optimizer'], options['lr'], options['momentum'],
-        options['weight_decay'])
-    return gradnet.train(model, optimizer, options['epochs'], epoch_batches,
-                         evaluate_test, options['eval_every'], progress)
-
-
-def save_fit(out, model, normalizer, history, settings):
-    """Save a fitted GradNet, its history and learning curve into ``out``;
-    returns the summary dict."""
-    summary = {'test_accuracy': history[-1]['test_accuracy'],
-               'hidden_sizes': model.hidden_sizes, 'out': out}
-    model.to_cpu()
-    gradnet.save_gradnet(out, model, normalizer,
-                         {'settings': settings, 'history': history,
-                          'summary': summary})
-    gradnet.save_learning_curve(history,
-                                os.path.join(out, 'learning_curve.png'))
-    return summary
 
 
 @main.command()
@@ -442,15 +378,15 @@ def demo(base_epochs, epochs, out, device, seed, as_json):
                 model_provenance(record['path'], 'cnn', 'mnist', split),
                 candidates=candidates, seed=seed, device=device,
                 progress=progress, compression='lzf')
-        model, normalizer, history = fit_stores(
+        model, normalizer, history = gradnet.fit_stores(
             stores['gradnet'], stores['test'], 'scale_power', 0.5,
             dict(seed=seed), dict(optimizer='sgd', lr=0.01, momentum=0.9,
                                   weight_decay=0.0, batch=25, epochs=epochs,
                                   eval_every=0, seed=seed),
             device, progress)
         if out:
-            save_fit(os.path.join(out, 'gradnet'), model, normalizer, history,
-                     {'demo': True})
+            gradnet.save_fit(os.path.join(out, 'gradnet'), model, normalizer,
+                             history, {'demo': True})
     summary = {'base_test_accuracy': base_summary['test_accuracy'],
                'gradnet_test_accuracy': history[-1]['test_accuracy'],
                'base_epochs': base_summary['epochs_run'],

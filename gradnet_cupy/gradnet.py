@@ -26,6 +26,9 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
 from gradnet_cupy.kernels import CSR
 from gradnet_cupy.normalize import ColumnStats, Normalizer
+from gradnet_cupy.models import to_device as to_device_model
+from gradnet_cupy.store import TangentStore
+from gradnet_cupy.tangent import ParameterLayout
 from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
 
 WIRINGS = ('diagonal', 'adjacent')
@@ -456,3 +459,66 @@ def save_learning_curve(history, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def fit_stores(train_path, test_path, normalize, power, net_options,
+               train_options, device, progress):
+    """GradNet trained on a training store, evaluated on a test store:
+    ``(model, normalizer, history)``."""
+    with TangentStore.open(train_path) as train_store, \
+            TangentStore.open(test_path) as test_store:
+        block_sizes = ParameterLayout.from_dict(train_store.layout).block_sizes
+        normalizer = Normalizer.fit(normalize, train_store.column_stats(),
+                                    block_sizes, power)
+        model = build_gradnet(
+            block_sizes, store_classes(train_store), **net_options)
+        history = _train(
+            model, device, train_options,
+            store_batches(train_store, normalizer,
+                                  train_options['batch'],
+                                  train_options['seed'], device),
+            store_evaluator(model, test_store, normalizer, device),
+            progress)
+    return model, normalizer, history
+
+
+def fit_online(base, layout, data, q, normalize, power, net_options,
+               train_options, device, progress):
+    """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
+    history)``."""
+    seed = train_options['seed']
+    stats = online_column_stats(base, layout, data, q, seed, device)
+    normalizer = Normalizer.fit(normalize, stats, layout.block_sizes, power)
+    model = build_gradnet(layout.block_sizes, data.n_classes,
+                                  **net_options)
+    history = _train(
+        model, device, train_options,
+        online_batches(base, layout, data, q, normalizer,
+                               train_options['batch'], seed, device),
+        online_evaluator(model, base, layout, data, q, normalizer,
+                                 device),
+        progress)
+    return model, normalizer, history
+
+
+def _train(model, device, options, epoch_batches, evaluate_test, progress):
+    to_device_model(model, device)
+    optimizer = make_optimizer(
+        model, options['optimizer'], options['lr'], options['momentum'],
+        options['weight_decay'])
+    return train(model, optimizer, options['epochs'], epoch_batches,
+                         evaluate_test, options['eval_every'], progress)
+
+
+def save_fit(out, model, normalizer, history, settings):
+    """Save a fitted GradNet, its history and learning curve into ``out``;
+    returns the summary dict."""
+    summary = {'test_accuracy': history[-1]['test_accuracy'],
+               'hidden_sizes': model.hidden_sizes, 'out': out}
+    model.to_cpu()
+    save_gradnet(out, model, normalizer,
+                         {'settings': settings, 'history': history,
+                          'summary': summary})
+    save_learning_curve(history,
+                                os.path.join(out, 'learning_curve.png'))
+    return summary
