@@ -22,7 +22,7 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
     CANDIDATE_MODES, SPLITS, extract_to_store, model_provenance, parse_shard)
 from gradnet_cupy.models import MODELS, build_model, to_device
-from gradnet_cupy.normalize import METHODS
+from gradnet_cupy.metric import PARTITIONS
 from gradnet_cupy.store import (
     COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
 from gradnet_cupy.tangent import parameter_layout
@@ -248,10 +248,23 @@ def parse_hidden(text):
 @click.option('--q', type=float, default=85.0, show_default=True,
               help='With --online.')
 @dataset_options
-@click.option('--normalize', type=click.Choice(METHODS),
-              default='scale_power', show_default=True)
+@click.option('--normalize', type=click.Choice(gradnet.NORMALIZATIONS),
+              default='scale_power', show_default=True,
+              help='metric: block-diagonal G^-1/2 whitening fitted on the '
+                   'training features, re-sparsified at their q.')
 @click.option('--power', type=float, default=0.5, show_default=True,
               help='Exponent of --normalize power.')
+@click.option('--metric-partition', type=click.Choice(PARTITIONS),
+              default='per_unit', show_default=True,
+              help='Blocks of --normalize metric: one per output unit '
+                   '(fan-in), per layer, or per column.')
+@click.option('--metric-max-block', type=int, default=256,
+              show_default=True,
+              help='Cut longer metric blocks into pieces (0: no cap).')
+@click.option('--metric-damping', type=float, default=1e-3,
+              show_default=True,
+              help='Metric damping, relative to each block\'s mean '
+                   'diagonal.')
 @click.option('--hidden', default=None,
               help='Hidden units per block, e.g. 5,100,25.')
 @click.option('--hidden-total', type=int, default=130, show_default=True,
@@ -272,11 +285,13 @@ def parse_hidden(text):
               help='Evaluate every N iterations (default: every epoch; 0: '
                    'only at the end).')
 @click.option('--out', required=True, type=click.Path(file_okay=False),
-              help='Folder for gradnet.npz, normalizer.npz, gradnet.json '
-                   '(settings and metrics) and learning_curve.png.')
+              help='Folder for gradnet.npz, normalizer.npz (metric.h5 '
+                   'with --normalize metric), gradnet.json (settings and '
+                   'metrics) and learning_curve.png.')
 @common_options
 def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
-        subset, normalize, power, hidden, hidden_total, wiring, dropout,
+        subset, normalize, power, metric_partition, metric_max_block,
+        metric_damping, hidden, hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
         eval_every, out, device, seed, as_json):
     """Train GradNet on tangent features and evaluate it (all candidates)."""
@@ -286,6 +301,8 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
     train_options = dict(optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, batch=batch,
                          epochs=epochs, eval_every=eval_every, seed=seed)
+    metric_options = dict(partition=metric_partition,
+                          max_block=metric_max_block, damping=metric_damping)
     if online:
         if snapshot is None:
             raise GradnetError('--online needs --model SNAPSHOT')
@@ -293,7 +310,8 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
         base, layout = load_base_model(snapshot, arch, data, device)
         model, normalizer, history = gradnet.fit_online(
             base, layout, data, q, normalize, power, net_options,
-            train_options, device, progress=not as_json)
+            train_options, device, progress=not as_json,
+            metric_options=metric_options)
         source = {'online': True, 'model': snapshot, 'arch': arch,
                   'dataset': dataset, 'q': q}
     else:
@@ -302,11 +320,13 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
                                '(or --online --model SNAPSHOT)')
         model, normalizer, history = gradnet.fit_stores(
             train_path, test_path, normalize, power, net_options,
-            train_options, device, progress=not as_json)
+            train_options, device, progress=not as_json,
+            metric_options=metric_options)
         source = {'train': train_path, 'test': test_path}
-    summary = gradnet.save_fit(out, model, normalizer, history,
-                       dict(source, normalize=normalize, power=power,
-                            **train_options))
+    settings = dict(source, normalize=normalize, power=power, **train_options)
+    if normalize == 'metric':
+        settings['metric'] = metric_options
+    summary = gradnet.save_fit(out, model, normalizer, history, settings)
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
            f"(hidden {','.join(map(str, model.hidden_sizes))}); saved in "
@@ -323,7 +343,7 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
 @common_options
 def evaluate(folder, test_path, device, seed, as_json):
     """Accuracy and confusion matrix of a saved GradNet on a test store."""
-    model, normalizer, _ = gradnet.load_gradnet(folder)
+    model, normalizer, _ = gradnet.load_gradnet(folder, device)
     model = to_device(model, device)
     with TangentStore.open(test_path) as store:
         batches = ((gradnet.to_device_csr(b.csr, device), b.sample, b.target)

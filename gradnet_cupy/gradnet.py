@@ -25,13 +25,16 @@ from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
 from gradnet_cupy.kernels import CSR
-from gradnet_cupy.normalize import ColumnStats, Normalizer
+from gradnet_cupy.metric import MetricNormalizer
+from gradnet_cupy.normalize import METHODS, ColumnStats, Normalizer
 from gradnet_cupy.models import to_device as to_device_model
 from gradnet_cupy.store import TangentStore
 from gradnet_cupy.tangent import ParameterLayout
 from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
 
 WIRINGS = ('diagonal', 'adjacent')
+# the column-wise methods of normalize.py and the block whitening of metric.py
+NORMALIZATIONS = METHODS + ('metric',)
 
 
 def proportional_hidden_sizes(block_sizes, total):
@@ -321,11 +324,13 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
 
 
 def save_gradnet(folder, model, normalizer, extra=None):
-    """Write ``gradnet.npz`` (weights), ``normalizer.npz`` and
-    ``gradnet.json`` (model config + ``extra``) into ``folder``, each file
-    atomically."""
+    """Write ``gradnet.npz`` (weights), ``normalizer.npz`` (and for the
+    ``metric`` normalization ``metric.h5``) and ``gradnet.json`` (model
+    config + ``extra``) into ``folder``, each file atomically."""
     os.makedirs(folder, exist_ok=True)
     save_snapshot(model, os.path.join(folder, 'gradnet.npz'))
+    if normalizer.method == 'metric':
+        normalizer.save(folder)
     atomic_write(os.path.join(folder, 'normalizer.npz'),
                  lambda f: np.savez(f, **normalizer.state()))
     text = json.dumps({'config': model.config(), **(extra or {})}, indent=1)
@@ -333,14 +338,19 @@ def save_gradnet(folder, model, normalizer, extra=None):
                  lambda f: f.write(text.encode()))
 
 
-def load_gradnet(folder):
+def load_gradnet(folder, device='cpu'):
     """Read a GradNet saved by :func:`save_gradnet`: ``(model, normalizer,
-    info)`` with the model on the CPU."""
+    info)`` with the model on the CPU and a ``metric`` normalizer on
+    ``device`` (the device of the batches it will see)."""
     try:
         with open(os.path.join(folder, 'gradnet.json')) as f:
             info = json.load(f)
         with np.load(os.path.join(folder, 'normalizer.npz')) as npz:
-            normalizer = Normalizer.from_state(dict(npz))
+            state = dict(npz)
+        if str(state['method']) == 'metric':
+            normalizer = MetricNormalizer.load(folder, state, device)
+        else:
+            normalizer = Normalizer.from_state(state)
     except (OSError, ValueError, KeyError) as e:
         raise GradnetError(f'{folder}: not a saved GradNet ({e})') from e
     model = GradNet(**info['config'])
@@ -413,17 +423,41 @@ def online_batches(base, layout, data, q, normalizer, batch, seed, device):
     return epoch_batches
 
 
-def online_column_stats(base, layout, data, q, seed, device, batch=64):
-    """Column statistics of the gradnet split's sparse tangents (random
-    candidates from ``seed``, eval transform): what the online trainer's
-    normalizer is fitted on."""
+def online_training_tangents(base, layout, data, q, seed, device, batch=64):
+    """``() -> iterator of CSR``: the gradnet split's sparse tangents
+    (random candidates from ``seed``, eval transform) on ``device``: what
+    the online trainer's normalizer is fitted on."""
     x, y = data.gradnet
     candidates = candidate_plan('random', y, data.n_classes, seed)
-    stats = ColumnStats(layout.n_params)
-    for csr, *_ in iter_sparse_tangents(base, x, y, candidates, q, layout,
-                                        device, data.eval_transform, batch):
-        stats.add(csr)
-    return stats.as_dict()
+
+    def batches():
+        for csr, *_ in iter_sparse_tangents(base, x, y, candidates, q, layout,
+                                            device, data.eval_transform,
+                                            batch):
+            yield csr
+    return batches
+
+
+def fit_normalizer(normalize, power, layout, training_batches, q, device,
+                   metric_options=None, stats=None):
+    """The normalization ``normalize`` fitted on training features only.
+
+    ``training_batches``: ``() -> iterable of CSR`` on ``device``, one pass
+    over the training features; ``stats``: their column statistics when
+    already known (a store keeps them), else computed in that pass. ``q``:
+    the features' sparsification percentile and ``metric_options``
+    (partition, max_block, damping, max_bytes) for ``metric``
+    (:meth:`MetricNormalizer.fit`); ``power`` for ``power``.
+    """
+    if normalize == 'metric':
+        return MetricNormalizer.fit(training_batches(), layout, q,
+                                    device=device, **(metric_options or {}))
+    if stats is None:
+        column_stats = ColumnStats(layout.n_params)
+        for csr in training_batches():
+            column_stats.add(csr)
+        stats = column_stats.as_dict()
+    return Normalizer.fit(normalize, stats, layout.block_sizes, power)
 
 
 def online_evaluator(model, base, layout, data, q, normalizer, device,
@@ -462,14 +496,21 @@ def save_learning_curve(history, path):
 
 
 def fit_stores(train_path, test_path, normalize, power, net_options,
-               train_options, device, progress):
+               train_options, device, progress, metric_options=None):
     """GradNet trained on a training store, evaluated on a test store:
-    ``(model, normalizer, history)``."""
+    ``(model, normalizer, history)``. The normalizer is fitted on the
+    training store (``metric``: one pass over its rows, re-sparsified at
+    its ``q``)."""
     with TangentStore.open(train_path) as train_store, \
             TangentStore.open(test_path) as test_store:
-        block_sizes = ParameterLayout.from_dict(train_store.layout).block_sizes
-        normalizer = Normalizer.fit(normalize, train_store.column_stats(),
-                                    block_sizes, power)
+        layout = ParameterLayout.from_dict(train_store.layout)
+        block_sizes = layout.block_sizes
+        normalizer = fit_normalizer(
+            normalize, power, layout,
+            lambda: (to_device_csr(b.csr, device)
+                     for b in train_store.iter_batches(256)),
+            train_store.provenance.get('q'), device,
+            metric_options, stats=train_store.column_stats())
         model = build_gradnet(
             block_sizes, store_classes(train_store), **net_options)
         history = _train(
@@ -483,12 +524,15 @@ def fit_stores(train_path, test_path, normalize, power, net_options,
 
 
 def fit_online(base, layout, data, q, normalize, power, net_options,
-               train_options, device, progress):
+               train_options, device, progress, metric_options=None):
     """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
-    history)``."""
+    history)``. The normalizer is fitted on one pass over the gradnet
+    split's tangents (:func:`online_training_tangents`)."""
     seed = train_options['seed']
-    stats = online_column_stats(base, layout, data, q, seed, device)
-    normalizer = Normalizer.fit(normalize, stats, layout.block_sizes, power)
+    normalizer = fit_normalizer(
+        normalize, power, layout,
+        online_training_tangents(base, layout, data, q, seed, device), q,
+        device, metric_options)
     model = build_gradnet(layout.block_sizes, data.n_classes,
                                   **net_options)
     history = _train(

@@ -31,6 +31,8 @@ Life cycle: ``accumulate`` CSR batches (NumPy or CuPy, matching the metric's
 device) -> ``finalize(damping)`` -> ``apply(csr)``; ``save``/``load`` keep the
 accumulated sums and, once finalized, the inverse square roots in HDF5.
 """
+import os
+
 import numpy as np
 
 from gradnet_cupy.backend import (array_module, get_array_module,
@@ -410,3 +412,65 @@ def _concat_csr(parts, n_columns, xp):
     return CSR(indptr, xp.concatenate([p.indices for p in parts]),
                xp.concatenate([p.data for p in parts]),
                (sum(p.shape[0] for p in parts), n_columns))
+
+
+class MetricNormalizer:
+    """The ``metric`` normalization of DESIGN §1.4: ``normalizer(csr) ->
+    CSR``, each row whitened by a finalized :class:`BlockMetric` and
+    re-sparsified per base-network layer block with the percentile rule at
+    ``q`` (the extraction's), so that GradNet's input stays sparse.
+
+    ``metric``: a finalized BlockMetric whose ``segment_sizes`` are the
+    layer blocks; ``q``: float in (0, 100). Input batches must be on the
+    metric's device.
+    """
+    method = 'metric'
+    FILE = 'metric.h5'
+
+    def __init__(self, metric, q):
+        metric._require_finalized()
+        self.metric = metric
+        self.q = float(q)
+
+    @classmethod
+    def fit(cls, batches, layout, q, partition='per_unit', max_block=256,
+            damping=1e-3, device='cpu', max_bytes=DEFAULT_MAX_BYTES):
+        """Fits the metric on one pass over the training ``batches`` (an
+        iterable of CSR on ``device``, every row weight 1).
+
+        ``layout``: the :class:`~gradnet_cupy.tangent.ParameterLayout` of
+        the features; ``partition``/``max_block`` (None or 0: no cap) as in
+        :meth:`BlockMetric.from_layout`; ``damping``: relative
+        (``lambda_b = damping * trace(G_b) / size_b``).
+        """
+        if q is None or not 0 < q < 100:
+            raise GradnetError(
+                f'the metric needs the features\' sparsification percentile '
+                f'q in (0, 100), got {q} (a store records it when extracted)')
+        blocks, _ = layout_blocks([(e.offset, e.shape)
+                                   for e in layout.entries],
+                                  partition, max_block or None)
+        metric = BlockMetric(blocks, layout.block_sizes, device, max_bytes)
+        metric.accumulate_batches(batches).finalize(damping, relative=True)
+        return cls(metric, q)
+
+    def __call__(self, csr):
+        return self.metric.apply(csr, self.q)
+
+    def state(self):
+        """The flat dict saved as ``normalizer.npz`` (the blocks go to
+        :attr:`FILE` beside it, see :meth:`save`)."""
+        return {'method': np.array(self.method), 'q': np.array(self.q)}
+
+    def save(self, folder):
+        """Writes the metric to ``folder/metric.h5`` (atomically)."""
+        path = os.path.join(folder, self.FILE)
+        self.metric.save(path + '.tmp')
+        os.replace(path + '.tmp', path)
+
+    @classmethod
+    def load(cls, folder, state, device='cpu'):
+        """The normalizer saved in ``folder`` with ``state`` (its
+        normalizer.npz), the metric on ``device``."""
+        return cls(BlockMetric.load(os.path.join(folder, cls.FILE), device),
+                   float(state['q']))

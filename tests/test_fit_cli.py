@@ -94,3 +94,57 @@ def test_online_fit_learns(base, tmp_path):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary['test_accuracy'] >= 0.3
     assert os.path.exists(out / 'gradnet.npz')
+
+
+def test_fit_with_metric_saves_and_reloads_it(stores, tmp_path):
+    """--normalize metric: the metric is fitted on the training store,
+    saved as metric.h5 and used again by evaluate."""
+    train, test = stores
+    out = tmp_path / 'gn'
+    result = run('fit', '--train', train, '--test', test, '--epochs', 1,
+                 '--normalize', 'metric', '--metric-max-block', 16,
+                 '--hidden', '3,4,2,1,1', '--out', out, '--json')
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert (out / 'metric.h5').exists()
+    settings = json.loads((out / 'gradnet.json').read_text())['settings']
+    assert settings['metric'] == {'partition': 'per_unit', 'max_block': 16,
+                                  'damping': 1e-3}
+    _, normalizer, _ = load_gradnet(str(out))
+    with TangentStore.open(train) as store:
+        q = store.provenance['q']
+        assert normalizer.q == q
+        assert int(normalizer.metric.blocks.sizes.max()) == 16
+        # whitened rows stay sparse: the percentile rule at the store's q
+        csr = normalizer(store.read(0, 5).csr)
+        segments = len(normalizer.metric.segment_sizes)
+        per_row = np.diff(csr.indptr)
+        assert (per_row > 0).all()
+        assert (per_row <= (1 - q / 100) * csr.shape[1] + segments).all()
+    evaluated = json.loads(run('evaluate', '--gradnet', out, '--test', test,
+                               '--json').output)
+    assert evaluated['test_accuracy'] == pytest.approx(
+        summary['test_accuracy'])
+
+
+def test_fit_metric_over_budget_is_one_line_error(stores, tmp_path):
+    train, test = stores
+    result = CliRunner().invoke(main, [
+        'fit', '--train', str(train), '--test', str(test), '--normalize',
+        'metric', '--metric-partition', 'per_layer', '--metric-max-block',
+        '0', '--out', str(tmp_path / 'x')])
+    assert result.exit_code == 1
+    assert result.output.startswith('error: the block-diagonal metric needs')
+    assert 'max_block=' in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_online_fit_with_metric(base, tmp_path):
+    """Online mode fits the metric on the same pass as the column
+    statistics would take (gradnet split, random candidates) at --q."""
+    out = tmp_path / 'online'
+    run('fit', '--online', '--model', base, '--arch', 'mlp', '--subset',
+        20, '--epochs', 1, '--q', 90, '--normalize', 'metric',
+        '--metric-partition', 'diagonal', '--out', out, '--json')
+    _, normalizer, _ = load_gradnet(str(out))
+    assert normalizer.q == 90 and normalizer.metric.diagonal
+    assert normalizer.metric.weight_sum == 20     # one row per digit
