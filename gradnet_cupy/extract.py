@@ -160,4 +160,3 @@ def model_provenance(snapshot_path, arch, dataset, split, data_dir=None,
             'model_sha256': file_sha256(snapshot_path), 'arch': arch,
             'dataset': dataset, 'data_dir': data_dir, 'split': split,
             'subset': subset}
-

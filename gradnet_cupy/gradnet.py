@@ -511,13 +511,12 @@ def fit_stores(train_path, test_path, normalize, power, net_options,
                      for b in train_store.iter_batches(256)),
             train_store.provenance.get('q'), device,
             metric_options, stats=train_store.column_stats())
-        model = build_gradnet(
-            block_sizes, store_classes(train_store), **net_options)
+        model = build_gradnet(block_sizes, store_classes(train_store),
+                              **net_options)
         history = _train(
             model, device, train_options,
-            store_batches(train_store, normalizer,
-                                  train_options['batch'],
-                                  train_options['seed'], device),
+            store_batches(train_store, normalizer, train_options['batch'],
+                          train_options['seed'], device),
             store_evaluator(model, test_store, normalizer, device),
             progress)
     return model, normalizer, history
@@ -533,14 +532,12 @@ def fit_online(base, layout, data, q, normalize, power, net_options,
         normalize, power, layout,
         online_training_tangents(base, layout, data, q, seed, device), q,
         device, metric_options)
-    model = build_gradnet(layout.block_sizes, data.n_classes,
-                                  **net_options)
+    model = build_gradnet(layout.block_sizes, data.n_classes, **net_options)
     history = _train(
         model, device, train_options,
         online_batches(base, layout, data, q, normalizer,
-                               train_options['batch'], seed, device),
-        online_evaluator(model, base, layout, data, q, normalizer,
-                                 device),
+                       train_options['batch'], seed, device),
+        online_evaluator(model, base, layout, data, q, normalizer, device),
         progress)
     return model, normalizer, history
 
@@ -551,7 +548,7 @@ def _train(model, device, options, epoch_batches, evaluate_test, progress):
         model, options['optimizer'], options['lr'], options['momentum'],
         options['weight_decay'])
     return train(model, optimizer, options['epochs'], epoch_batches,
-                         evaluate_test, options['eval_every'], progress)
+                 evaluate_test, options['eval_every'], progress)
 
 
 def save_fit(out, model, normalizer, history, settings):
@@ -561,8 +558,7 @@ def save_fit(out, model, normalizer, history, settings):
                'hidden_sizes': model.hidden_sizes, 'out': out}
     model.to_cpu()
     save_gradnet(out, model, normalizer,
-                         {'settings': settings, 'history': history,
-                          'summary': summary})
-    save_learning_curve(history,
-                                os.path.join(out, 'learning_curve.png'))
+                 {'settings': settings, 'history': history,
+                  'summary': summary})
+    save_learning_curve(history, os.path.join(out, 'learning_curve.png'))
     return summary
