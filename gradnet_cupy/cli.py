@@ -346,10 +346,8 @@ def evaluate(folder, test_path, device, seed, as_json):
     model, normalizer, _ = gradnet.load_gradnet(folder, device)
     model = to_device(model, device)
     with TangentStore.open(test_path) as store:
-        batches = ((gradnet.to_device_csr(b.csr, device), b.sample, b.target)
-                   for b in store.iter_batches(100, group_by_sample=True))
-        accuracy, _, predicted, truth = gradnet.evaluate(model, batches,
-                                                         normalizer)
+        accuracy, _, predicted, truth = gradnet.evaluate(
+            model, gradnet.store_test_batches(store, device), normalizer)
     n = model.n_classes
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (truth, predicted), 1)

@@ -99,7 +99,8 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
                                                  layout=layout)]
         csrs, samples, candidates_, targets = zip(*chunks)
         xp = get_array_module(samples[0])
-        yield (vstack(csrs), xp.concatenate(samples) + first,
+        yield (vstack(csrs, layout.n_params, xp),
+               xp.concatenate(samples) + first,
                xp.concatenate(candidates_), xp.concatenate(targets))
 
 

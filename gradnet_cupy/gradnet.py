@@ -368,14 +368,18 @@ def build_gradnet(block_sizes, n_classes, hidden=None, hidden_total=130,
     return GradNet(block_sizes, hidden, n_classes, **options)
 
 
-def store_evaluator(model, test_store, normalizer, device, batch=100):
-    """``() -> accuracy`` of ``model`` on a test store (all candidates of
-    each sample read together)."""
+def store_test_batches(test_store, device, batch=100):
+    """``(csr, sample, target)`` batches of a test store on ``device``, all
+    candidate rows of each sample read together (for :func:`evaluate`)."""
+    for b in test_store.iter_batches(batch, group_by_sample=True):
+        yield to_device_csr(b.csr, device), b.sample, b.target
+
+
+def store_evaluator(model, test_store, normalizer, device):
+    """``() -> accuracy`` of ``model`` on a test store."""
     def evaluate_test():
-        batches = ((to_device_csr(b.csr, device), b.sample, b.target)
-                   for b in test_store.iter_batches(batch,
-                                                    group_by_sample=True))
-        return evaluate(model, batches, normalizer)[0]
+        return evaluate(model, store_test_batches(test_store, device),
+                        normalizer)[0]
     return evaluate_test
 
 

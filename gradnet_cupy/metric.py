@@ -38,8 +38,10 @@ import numpy as np
 from gradnet_cupy.backend import (array_module, get_array_module,
                                   resolve_device, to_numpy)
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
+from gradnet_cupy.kernels import (CSR, Blocks, block_outer_accumulate,
+                                  percentile_sparsify)
 from gradnet_cupy.kernels.block_outer import check_csr
+from gradnet_cupy.kernels.csr import vstack
 
 PARTITIONS = ('per_layer', 'per_unit', 'diagonal')
 BYTES_PER_ENTRY = 8 + 4            # G float64 + inverse square root float32
@@ -191,10 +193,9 @@ class BlockMetric:
                                                           csr.shape[0])))
                  for first in range(0, csr.shape[0], step)]
         if q is not None:
-            from gradnet_cupy.kernels import percentile_sparsify
-            return _concat_csr([percentile_sparsify(y, self.segment_sizes, q)
-                                for y in parts], n, xp)
-        return _concat_csr([_csr_of_dense(y) for y in parts], n, xp)
+            return vstack([percentile_sparsify(y, self.segment_sizes, q)
+                           for y in parts], n, xp)
+        return vstack([_csr_of_dense(y) for y in parts], n, xp)
 
     @property
     def diagonal(self):
@@ -399,19 +400,6 @@ def _csr_of_dense(dense):
     flat = xp.flatnonzero(mask)
     return CSR(indptr, (flat % dense.shape[1]).astype(np.int32),
                dense.reshape(-1)[flat], dense.shape)
-
-
-def _concat_csr(parts, n_columns, xp):
-    """Stacks CSR row batches (same module) into one CSR."""
-    if not parts:
-        return CSR(xp.zeros(1, dtype=np.int64), xp.zeros(0, dtype=np.int32),
-                   xp.zeros(0, dtype=np.float32), (0, n_columns))
-    shifts = np.cumsum([0] + [part.nnz for part in parts[:-1]])
-    indptr = xp.concatenate([parts[0].indptr[:1]] + [
-        part.indptr[1:] + int(shift) for part, shift in zip(parts, shifts)])
-    return CSR(indptr, xp.concatenate([p.indices for p in parts]),
-               xp.concatenate([p.data for p in parts]),
-               (sum(p.shape[0] for p in parts), n_columns))
 
 
 class MetricNormalizer:

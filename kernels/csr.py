@@ -1,6 +1,8 @@
 """The CSR batch that flows from the sparsify kernel to the store and GradNet."""
 from typing import NamedTuple, Tuple
 
+import numpy as np
+
 
 class CSR(NamedTuple):
     """A CSR matrix on one device (all arrays NumPy, or all CuPy).
@@ -27,19 +29,17 @@ class CSR(NamedTuple):
              to_numpy(self.indptr)), shape=self.shape)
 
 
-def vstack(parts):
-    """Stack CSR matrices of equal column count (one array module) into one
-    CSR, rows in order."""
-    from gradnet_cupy.backend import get_array_module
-    xp = get_array_module(parts[0].data)
-    n_columns = parts[0].shape[1]
+def vstack(parts, n_columns, xp):
+    """Stack CSR row batches of ``n_columns`` columns, all in array module
+    ``xp``, into one CSR, rows in order (an empty list gives 0 rows)."""
     if any(p.shape[1] != n_columns for p in parts):
-        raise ValueError('vstack needs CSR parts with equal column counts')
-    offsets = [0]
-    for p in parts[:-1]:
-        offsets.append(offsets[-1] + p.nnz)
+        raise ValueError(f'vstack needs CSR parts of {n_columns} columns')
+    if not parts:
+        return CSR(xp.zeros(1, dtype=np.int64), xp.zeros(0, dtype=np.int32),
+                   xp.zeros(0, dtype=np.float32), (0, n_columns))
+    shifts = np.cumsum([0] + [p.nnz for p in parts[:-1]])
     indptr = xp.concatenate([parts[0].indptr[:1]] + [
-        p.indptr[1:] + offset for p, offset in zip(parts, offsets)])
+        p.indptr[1:] + int(shift) for p, shift in zip(parts, shifts)])
     return CSR(indptr, xp.concatenate([p.indices for p in parts]),
                xp.concatenate([p.data for p in parts]),
                (sum(p.shape[0] for p in parts), n_columns))
