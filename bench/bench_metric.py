@@ -29,14 +29,13 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 import gradnet_cupy
+from common import best_time, device_name, result_path
 from gradnet_cupy.backend import array_module, resolve_device
 from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
 
@@ -55,20 +54,6 @@ def random_batch(rng, rows, columns, density, xp):
                xp.asarray(data), (rows, columns))
 
 
-def timed(function, repeat, xp):
-    """Best wall time of ``repeat`` calls after a warm-up call (seconds)."""
-    def once():
-        if xp is not np:
-            xp.cuda.Device().synchronize()
-        start = time.perf_counter()
-        function()
-        if xp is not np:
-            xp.cuda.Device().synchronize()
-        return time.perf_counter() - start
-    once()
-    return min(once() for _ in range(repeat))
-
-
 def crossover(densities, ratios):
     """Density where dense/sparse time ratio falls to 1 (see module doc)."""
     for i, ratio in enumerate(ratios):
@@ -79,16 +64,6 @@ def crossover(densities, ratios):
             y0, y1 = np.log(ratios[i - 1]), np.log(ratio)
             return float(np.exp(x0 + (x1 - x0) * y0 / (y0 - y1)))
     return 1.01
-
-
-def device_name(device, xp):
-    if device == 'gpu':
-        name = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)['name']
-        return name.decode() if isinstance(name, bytes) else name
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-        if line.startswith('model name'):
-            return line.split(':', 1)[1].strip()
-    return platform.processor() or 'cpu'
 
 
 def measure(args):
@@ -109,10 +84,10 @@ def measure(args):
             csr = random_batch(rng, args.rows, blocks.n_columns, density, xp)
             G = xp.zeros(blocks.packed_size)
             for method in ('sparse', 'dense'):
-                point[f'{method}_s'] = timed(
+                point[f'{method}_s'] = best_time(
                     lambda: block_outer_accumulate(csr, blocks, G,
                                                    method=method),
-                    args.repeat, xp)
+                    xp, args.repeat)
             ratio = point['dense_s'] / point['sparse_s']
             point['dense_over_sparse'] = ratio
             losses = losses + 1 if ratio <= 1 else 0
@@ -124,7 +99,7 @@ def measure(args):
                   f"{point['dense_s'] * 1e3:9.2f} ms  dense/sparse "
                   f"{ratio:7.3f}", flush=True)
         crossovers.append(crossover(measured, ratios))
-    name = device_name(device, xp)
+    name = device_name(device)
     versions = {'python': platform.python_version(),
                 'numpy': np.__version__,
                 'gradnet_cupy': gradnet_cupy.__version__}
@@ -181,9 +156,7 @@ def main():
     if args.rows is None:
         args.rows = 2048 if resolve_device(args.device) == 'gpu' else 128
     result = measure(args)
-    slug = ('cpu' if result['device'] == 'cpu' else
-            re.sub(r'[^a-z0-9]+', '-', result['device_name'].lower()).strip('-'))
-    out = args.out or ROOT / 'bench' / 'results' / f'metric-{slug}.json'
+    out = args.out or result_path('metric', result['device'])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + '\n')
     print(f'crossovers {result["crossovers"]} -> {out}')

@@ -23,22 +23,20 @@ Usage:  python bench/bench_sparsify.py [--device auto|cpu|gpu] [--rows N]
 import argparse
 import datetime
 import json
-import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common import device_name, result_path
 from gradnet_cupy.backend import import_cupy, resolve_device, to_numpy
 from gradnet_cupy.kernels import percentile_sparsify
 from gradnet_cupy.kernels.sparsify import percentile_ranks
 
 CASES = {'cnn': [4800, 102400, 23040], 'segment-1M': [1_000_000]}
 Q = 85.0
-RESULTS = Path(__file__).resolve().parent / 'results'
 
 
 class Timer:
@@ -116,15 +114,6 @@ def alternatives(device):
     return found
 
 
-def device_name(device):
-    if device == 'gpu':
-        cupy = import_cupy()
-        return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)['name'].decode()
-    model = re.search(r'model name\s*:\s*(.*)', Path('/proc/cpuinfo').read_text())
-    cpu = model.group(1).strip() if model else platform.processor() or 'cpu'
-    return f'{cpu} ({os.cpu_count()} logical CPUs)'
-
-
 def versions(device):
     found = {'python': platform.python_version(), 'numpy': np.__version__}
     if device == 'gpu':
@@ -198,8 +187,7 @@ def main(argv=None):
               'date': now.isoformat(timespec='seconds'), 'versions': versions(device),
               'command': ' '.join(['python', 'bench/bench_sparsify.py'] + (argv or sys.argv[1:])),
               'copy_bandwidth_GBps': bandwidth, 'cases': cases}
-    slug = device if device == 'cpu' else re.sub(r'[^a-z0-9]+', '-', report['device'].lower())
-    output = args.output or RESULTS / f'sparsify-{slug}.json'
+    output = args.output or result_path('sparsify', device)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + '\n')
     print(f'wrote {output}')

@@ -55,6 +55,7 @@ import numpy as np
 import scipy
 
 import gradnet_cupy
+from common import device_name, result_path
 from gradnet_cupy import store as store_module
 from gradnet_cupy.backend import to_device
 from gradnet_cupy.chainer_compat import chainer
@@ -265,23 +266,6 @@ def synchronizer(device):
     return lambda: None
 
 
-def device_description(device):
-    if device == 'gpu':
-        import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        return props['name'].decode()
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    model = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f'{model}, {os.cpu_count()} logical CPUs'
-
-
 def rounded(result):
     """A result dict with floats rounded and CPU-second rates left out, for
     the progress lines."""
@@ -350,7 +334,7 @@ def main():
         'benchmark': 'store',
         'command': ' '.join([Path(sys.executable).name] + sys.argv),
         'device': args.device,
-        'device_name': device_description(args.device),
+        'device_name': device_name(args.device),
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec='seconds'),
         'seconds': time.perf_counter() - started,
@@ -379,8 +363,7 @@ def main():
         'floor_bytes_per_nonzero': 8,
         'results': results,
     }
-    out = Path(args.out or Path(__file__).parent / 'results'
-               / f'store-{args.device}.json')
+    out = Path(args.out or result_path('store', args.device))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + '\n')
     print(f'wrote {out}')

@@ -28,13 +28,12 @@ import datetime
 import json
 import os
 import platform
-import re
-import time
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 import gradnet_cupy
+from common import best_time, device_name, result_path
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.models import build_model, to_device
@@ -43,24 +42,6 @@ from gradnet_cupy.tangent import (
 
 N_CLASSES = 10
 IN_SHAPE = (1, 28, 28)
-
-
-def sync(xp):
-    if xp is not np:
-        xp.cuda.Device().synchronize()
-
-
-def best_time(fn, xp, repeats):
-    """Minimum wall time of ``fn()`` over ``repeats`` runs after a warm-up."""
-    fn()
-    sync(xp)
-    best = float('inf')
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(xp)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def gemm_rate(xp, repeats):
@@ -250,21 +231,6 @@ def bench_model(kind, xp, batch, n_loop, repeats):
     return result
 
 
-def device_name(xp):
-    if xp is not np:
-        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
-        name = props['name']
-        return name.decode() if isinstance(name, bytes) else name
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return 'cpu ' + line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'cpu ' + platform.processor()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='auto')
@@ -275,9 +241,10 @@ def main():
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--out', default=None)
     args = parser.parse_args()
-    xp = backend.array_module(backend.resolve_device(args.device))
+    device = backend.resolve_device(args.device)
+    xp = backend.array_module(device)
     n_loop = args.loop_rows or (64 if xp is np else args.batch * N_CLASSES)
-    name = device_name(xp)
+    name = device_name(device)
     gemm = gemm_rate(xp, args.repeats)
     copy_touched, copy_fresh = copy_rates(xp, args.repeats)
     report = {
@@ -303,10 +270,7 @@ def main():
         r['bytes_over_copy_touched'] = r['batched_bytes_per_s'] / copy_touched
         report[kind] = r
     report['load_avg_at_end'] = os.getloadavg()
-    slug = re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')
-    out = args.out or os.path.join(os.path.dirname(__file__), 'results',
-                                   f'tangent-{slug}.json')
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = args.out or result_path('tangent', device)
     with open(out, 'w') as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
