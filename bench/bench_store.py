@@ -62,7 +62,7 @@ from gradnet_cupy.chainer_compat import chainer
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.extract import extract_to_store, model_provenance
 from gradnet_cupy.gradnet import (build_gradnet, candidate_outputs,
-                                  make_optimizer, to_device_csr, train_step)
+                                  make_optimizer, train_step)
 from gradnet_cupy.kernels import percentile_sparsify
 from gradnet_cupy.models import to_device as model_to_device
 from gradnet_cupy.normalize import Normalizer
@@ -224,10 +224,10 @@ def measure_gradnet(train_store_path, rows_store_path, layout, n_classes,
                                     layout.block_sizes)
     with TangentStore.open(rows_store_path) as store:
         patterns = read_patterns(store)
-        train_batches = [(to_device_csr(b.csr, device),
+        train_batches = [(b.csr.to_device(device),
                           to_device(b.target.astype(np.int32), device))
                          for b in patterns['shuffled_25']()]
-        grouped = [to_device_csr(b.csr, device)
+        grouped = [b.csr.to_device(device)
                    for b in patterns['grouped_10_samples']()]
         n_rows = len(store)
     model = model_to_device(build_gradnet(layout.block_sizes, n_classes,

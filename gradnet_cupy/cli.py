@@ -22,7 +22,7 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
     CANDIDATE_MODES, SPLITS, extract_to_store, model_provenance, parse_shard)
 from gradnet_cupy.models import MODELS, build_model, to_device
-from gradnet_cupy.metric import PARTITIONS
+from gradnet_cupy.metric import PARTITIONS, feature_metric
 from gradnet_cupy.store import (
     COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
 from gradnet_cupy.tangent import parameter_layout
@@ -106,6 +106,15 @@ dataset_options = option_group(
     click.option('--subset', type=int, default=None,
                  help='Keep only the first N samples of every split.'))
 
+metric_block_options = option_group(
+    click.option('--metric-partition', type=click.Choice(PARTITIONS),
+                 default='per_unit', show_default=True,
+                 help='Blocks of --normalize metric: one per output unit '
+                      '(fan-in), per layer, or per column.'),
+    click.option('--metric-max-block', type=int, default=256,
+                 show_default=True,
+                 help='Cut longer metric blocks into pieces (0: no cap).'))
+
 base_model_options = option_group(
     click.option('--model', 'snapshot', required=True,
                  type=click.Path(exists=True, dir_okay=False),
@@ -187,9 +196,18 @@ def load_base_model(snapshot, arch, data, device):
               default=DEFAULT_COMPRESSION, show_default=True,
               help='gzip: smallest, any HDF5 reader; lzf: faster to write; '
                    'none: fastest to read, twice the size.')
+@click.option('--normalize', type=click.Choice(['none', 'metric']),
+              default='none', show_default=True,
+              help='metric: also accumulate the block metric G of the '
+                   'extracted rows on the extraction device, saved beside '
+                   'the store (train.h5 -> train.metric.h5); fit '
+                   '--normalize metric with this store as --train then '
+                   'skips its own pass over the store.')
+@metric_block_options
 @common_options
 def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
-            out, shard, batch, compression, device, seed, as_json):
+            out, shard, batch, compression, normalize, metric_partition,
+            metric_max_block, device, seed, as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
@@ -197,16 +215,21 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
     """
     data = load_dataset(dataset, data_dir, subset)
     model, layout = load_base_model(snapshot, arch, data, device)
+    metric = None
+    if normalize == 'metric':
+        metric = feature_metric(layout, metric_partition, metric_max_block,
+                                device)
     provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
                                   subset)
     summary = extract_to_store(
         model, layout, getattr(data, split), data.n_classes, out, provenance,
         candidates=candidates, q=q, shard=parse_shard(shard), seed=seed,
         device=device, transform=data.eval_transform, batch=batch,
-        progress=not as_json, compression=compression)
+        progress=not as_json, compression=compression, metric=metric)
     report(as_json, summary,
            f"{summary['rows']} rows x {summary['n_columns']} columns, "
-           f"density {summary['density']:.4f}, in {summary['path']}")
+           f"density {summary['density']:.4f}, in {summary['path']}"
+           + (f"; metric in {summary['metric']}" if metric else ''))
 
 
 @main.command()
@@ -254,13 +277,7 @@ def parse_hidden(text):
                    'training features, re-sparsified at their q.')
 @click.option('--power', type=float, default=0.5, show_default=True,
               help='Exponent of --normalize power.')
-@click.option('--metric-partition', type=click.Choice(PARTITIONS),
-              default='per_unit', show_default=True,
-              help='Blocks of --normalize metric: one per output unit '
-                   '(fan-in), per layer, or per column.')
-@click.option('--metric-max-block', type=int, default=256,
-              show_default=True,
-              help='Cut longer metric blocks into pieces (0: no cap).')
+@metric_block_options
 @click.option('--metric-damping', type=float, default=1e-3,
               show_default=True,
               help='Metric damping, relative to each block\'s mean '

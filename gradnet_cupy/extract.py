@@ -18,10 +18,12 @@ from gradnet_cupy.backend import get_array_module, to_device
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import percentile_sparsify
 from gradnet_cupy.kernels.csr import vstack
+from gradnet_cupy.metric import save_store_metric
 from gradnet_cupy.store import DEFAULT_COMPRESSION, TangentStore, file_sha256
 from gradnet_cupy.tangent import iter_tangent_features
 
 CANDIDATE_MODES = ('random', 'all', 'true')
+METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
 
 
@@ -107,14 +109,19 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
 def extract_to_store(model, layout, split_data, n_classes, out, provenance,
                      candidates='random', q=85.0, shard=(0, 1), seed=0,
                      device='cpu', transform=None, batch=64, progress=True,
-                     compression=DEFAULT_COMPRESSION):
+                     compression=DEFAULT_COMPRESSION, metric=None):
     """Extract one split into the store ``out``; resumes a killed run.
 
     ``split_data``: ``(x, y)`` host arrays of the split. ``provenance``: what
     identifies this extraction beside the arguments here (dataset, split,
     model checksum, ...); a store at ``out`` from a different extraction is
     refused. ``compression``: the store's ('gzip', 'lzf' or 'none').
-    Returns a summary dict (rows, nnz, path, ...).
+    ``metric``: an empty :class:`~gradnet_cupy.metric.BlockMetric` on
+    ``device`` (:func:`~gradnet_cupy.metric.feature_metric`) that
+    accumulates every row of the store as its batches are extracted (a
+    resumed run first reads back the rows committed before), saved to
+    :func:`~gradnet_cupy.metric.store_metric_path` once the store is final.
+    Returns a summary dict (rows, nnz, path, ..., ``metric``: its path).
     """
     if not 0 < q < 100:
         raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
@@ -141,17 +148,27 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
                unit='rows', disable=None if progress else True,
                desc='extract')
     with writer:
+        if metric is not None and done_rows:
+            with TangentStore.open(out, allow_incomplete=True) as committed:
+                for b in committed.iter_batches(METRIC_READ_BATCH):
+                    metric.accumulate(b.csr.to_device(device))
         for csr, sample, candidate, target in iter_sparse_tangents(
                 model, x, y, plan, q, layout, device,
                 transform or (lambda v: v), batch, resume_at, stop):
             writer.append(csr, sample, candidate, target)
+            if metric is not None:
+                metric.accumulate(csr)
             bar.update(csr.shape[0])
         bar.close()
         writer.finalize()
     with TangentStore.open(out) as store:
-        return {'path': str(out), 'rows': len(store), 'nnz': store.nnz,
-                'n_columns': store.n_columns, 'resumed_from_rows': done_rows,
-                'density': store.nnz / max(1, len(store) * store.n_columns)}
+        summary = {
+            'path': str(out), 'rows': len(store), 'nnz': store.nnz,
+            'n_columns': store.n_columns, 'resumed_from_rows': done_rows,
+            'density': store.nnz / max(1, len(store) * store.n_columns)}
+        if metric is not None:
+            summary['metric'] = str(save_store_metric(metric, store))
+    return summary
 
 
 def model_provenance(snapshot_path, arch, dataset, split, data_dir=None,

@@ -16,6 +16,7 @@ outputs summed over all candidate rows of a sample
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -24,8 +25,8 @@ from gradnet_cupy.backend import get_array_module, to_device, to_numpy
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
-from gradnet_cupy.kernels import CSR
-from gradnet_cupy.metric import MetricNormalizer
+from gradnet_cupy.metric import (MetricNormalizer, load_store_metric,
+                                 store_metric_path)
 from gradnet_cupy.normalize import METHODS, ColumnStats, Normalizer
 from gradnet_cupy.models import to_device as to_device_model
 from gradnet_cupy.store import TangentStore
@@ -372,7 +373,7 @@ def store_test_batches(test_store, device, batch=100):
     """``(csr, sample, target)`` batches of a test store on ``device``, all
     candidate rows of each sample read together (for :func:`evaluate`)."""
     for b in test_store.iter_batches(batch, group_by_sample=True):
-        yield to_device_csr(b.csr, device), b.sample, b.target
+        yield b.csr.to_device(device), b.sample, b.target
 
 
 def store_evaluator(model, test_store, normalizer, device):
@@ -383,18 +384,12 @@ def store_evaluator(model, test_store, normalizer, device):
     return evaluate_test
 
 
-def to_device_csr(csr, device):
-    """The CSR with its arrays on ``device`` ('cpu' or 'gpu')."""
-    return CSR(to_device(csr.indptr, device), to_device(csr.indices, device),
-               to_device(csr.data, device), csr.shape)
-
-
 def store_batches(store, normalizer, batch, seed, device):
     """``epoch -> iterator of (normalized csr, target)`` over a training
     store, shuffled per epoch from ``seed``."""
     def epoch_batches(epoch):
         for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch):
-            yield (normalizer(to_device_csr(b.csr, device)),
+            yield (normalizer(b.csr.to_device(device)),
                    to_device(b.target.astype(np.int32), device))
     return epoch_batches
 
@@ -499,22 +494,47 @@ def save_learning_curve(history, path):
     plt.close(fig)
 
 
+def stored_metric_normalizer(store, layout, metric_options, device):
+    """The ``metric`` normalizer from the sums that ``extract --normalize
+    metric`` saved beside the open training ``store``
+    (:func:`~gradnet_cupy.metric.load_store_metric`), finalized with the
+    ``metric_options`` damping; None when there is no such file, or, with a
+    warning saying why, when it does not fit the store or the options."""
+    options = dict(metric_options or {})
+    damping = options.pop('damping', 1e-3)
+    metric, why_not = load_store_metric(store, layout, device=device,
+                                        **options)
+    if metric is None:
+        if store_metric_path(store.path).exists():
+            warnings.warn(f'{why_not}: accumulating the metric again from '
+                          'the store', stacklevel=2)
+        return None
+    return MetricNormalizer.from_accumulated(
+        metric, store.provenance.get('q'), damping)
+
+
 def fit_stores(train_path, test_path, normalize, power, net_options,
                train_options, device, progress, metric_options=None):
     """GradNet trained on a training store, evaluated on a test store:
     ``(model, normalizer, history)``. The normalizer is fitted on the
-    training store (``metric``: one pass over its rows, re-sparsified at
-    its ``q``)."""
+    training store (``metric``: the sums saved by ``extract --normalize
+    metric`` when they fit, else one pass over its rows; whitened rows are
+    re-sparsified at the store's ``q``)."""
     with TangentStore.open(train_path) as train_store, \
             TangentStore.open(test_path) as test_store:
         layout = ParameterLayout.from_dict(train_store.layout)
         block_sizes = layout.block_sizes
-        normalizer = fit_normalizer(
-            normalize, power, layout,
-            lambda: (to_device_csr(b.csr, device)
-                     for b in train_store.iter_batches(256)),
-            train_store.provenance.get('q'), device,
-            metric_options, stats=train_store.column_stats())
+        normalizer = None
+        if normalize == 'metric':
+            normalizer = stored_metric_normalizer(train_store, layout,
+                                                  metric_options, device)
+        if normalizer is None:
+            normalizer = fit_normalizer(
+                normalize, power, layout,
+                lambda: (b.csr.to_device(device)
+                         for b in train_store.iter_batches(256)),
+                train_store.provenance.get('q'), device,
+                metric_options, stats=train_store.column_stats())
         model = build_gradnet(block_sizes, store_classes(train_store),
                               **net_options)
         history = _train(

@@ -31,7 +31,9 @@ Life cycle: ``accumulate`` CSR batches (NumPy or CuPy, matching the metric's
 device) -> ``finalize(damping)`` -> ``apply(csr)``; ``save``/``load`` keep the
 accumulated sums and, once finalized, the inverse square roots in HDF5.
 """
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -61,7 +63,9 @@ class BlockMetric:
 
     Attributes: ``G`` float64 (packed,) the weighted sum of ``t_b t_b^T``;
     ``weight_sum`` the sum of the row weights; after :meth:`finalize`,
-    ``damping`` float64 (k,) the ``lambda_b`` used per block.
+    ``damping`` float64 (k,) the ``lambda_b`` used per block; ``source``:
+    a JSON-able description of the rows accumulated (saved with the metric;
+    :func:`store_identity` for a store), or None.
     """
 
     def __init__(self, blocks, segment_sizes=None, device='cpu',
@@ -80,6 +84,7 @@ class BlockMetric:
         self.G = self.xp.zeros(blocks.packed_size, dtype=np.float64)
         self.weight_sum = 0.0
         self.damping = None
+        self.source = None
         self._inverse_sqrt = None   # [(ids int64 (k,), (k, s, s) float32)]
 
     @classmethod
@@ -247,14 +252,17 @@ class BlockMetric:
                                'after accumulating')
 
     def save(self, path):
-        """Writes the metric to the HDF5 file ``path`` (overwritten)."""
+        """Writes the metric to the HDF5 file ``path`` (replaced atomically:
+        written to ``path.tmp``, then renamed)."""
         import h5py
 
-        with h5py.File(path, 'w') as f:
+        tmp = f'{path}.tmp'
+        with h5py.File(tmp, 'w') as f:
             f.attrs['format'] = FILE_FORMAT
             f.attrs['version'] = FILE_VERSION
             f.attrs['n_columns'] = self.blocks.n_columns
             f.attrs['weight_sum'] = self.weight_sum
+            f.attrs['source'] = json.dumps(self.source)
             f['block_starts'] = self.blocks.starts
             f['block_sizes'] = self.blocks.sizes
             f['segment_sizes'] = self.segment_sizes
@@ -262,6 +270,7 @@ class BlockMetric:
             if self.finalized:
                 f['damping'] = self.damping
                 f['inverse_sqrt'] = to_numpy(self.inverse_sqrt())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, device='cpu', max_bytes=DEFAULT_MAX_BYTES):
@@ -289,6 +298,7 @@ class BlockMetric:
                                    f'blocks need ({blocks.packed_size},)')
             metric.G = metric.xp.asarray(G)
             metric.weight_sum = float(f.attrs['weight_sum'])
+            metric.source = json.loads(f.attrs.get('source', 'null'))
             if 'inverse_sqrt' in f:
                 metric.damping = f['damping'][()]
                 packed = metric.xp.asarray(f['inverse_sqrt'][()])
@@ -331,6 +341,65 @@ def layout_blocks(layout, partition='per_layer', max_block=None):
     elif max_block is not None:
         blocks = blocks.split(max_block)
     return blocks, np.asarray(segments, dtype=np.int64)
+
+
+def feature_metric(layout, partition='per_unit', max_block=256, device='cpu',
+                   max_bytes=DEFAULT_MAX_BYTES):
+    """An empty :class:`BlockMetric` over tangent features of the
+    :class:`~gradnet_cupy.tangent.ParameterLayout` ``layout``: blocks from
+    ``partition`` and ``max_block`` (None or 0: no cap), re-sparsification
+    segments = the layout's layer blocks."""
+    return BlockMetric(feature_blocks(layout, partition, max_block),
+                       layout.block_sizes, device, max_bytes)
+
+
+def feature_blocks(layout, partition='per_unit', max_block=256):
+    """The :class:`Blocks` of :func:`feature_metric`."""
+    return layout_blocks([(e.offset, e.shape) for e in layout.entries],
+                         partition, max_block or None)[0]
+
+
+def store_metric_path(store_path):
+    """Where ``extract --normalize metric`` keeps the accumulated metric of
+    the store ``STORE.h5``: ``STORE.metric.h5`` beside it."""
+    path = Path(store_path)
+    return path.with_name(path.stem + '.metric.h5')
+
+
+def store_identity(store):
+    """What identifies the rows of an open TangentStore (its provenance,
+    with the creation time, row and nonzero counts): the ``source`` of a
+    metric accumulated from it."""
+    return {'store_provenance': store.provenance, 'rows': len(store),
+            'nnz': store.nnz}
+
+
+def save_store_metric(metric, store):
+    """Saves ``metric``, accumulated over every row of the open
+    TangentStore ``store``, to :func:`store_metric_path`; returns the
+    path."""
+    metric.source = store_identity(store)
+    path = store_metric_path(store.path)
+    metric.save(path)
+    return path
+
+
+def load_store_metric(store, layout, partition='per_unit', max_block=256,
+                      device='cpu', max_bytes=DEFAULT_MAX_BYTES):
+    """``(metric, None)``: the accumulated metric saved beside the open
+    TangentStore ``store`` by ``extract --normalize metric``, when it exists,
+    was accumulated from exactly these rows and has the blocks of
+    ``partition``/``max_block``; else ``(None, why not)``."""
+    path = store_metric_path(store.path)
+    if not path.exists():
+        return None, f'{path} does not exist'
+    metric = BlockMetric.load(path, device, max_bytes)
+    if metric.source != json.loads(json.dumps(store_identity(store))):
+        return None, f'{path} was accumulated from other rows than {store.path}'
+    if metric.blocks != feature_blocks(layout, partition, max_block):
+        return None, (f'{path} has other blocks than partition={partition} '
+                      f'max_block={max_block}')
+    return metric, None
 
 
 def packed_size_with_cap(sizes, cap):
@@ -431,16 +500,19 @@ class MetricNormalizer:
         :meth:`BlockMetric.from_layout`; ``damping``: relative
         (``lambda_b = damping * trace(G_b) / size_b``).
         """
-        if q is None or not 0 < q < 100:
-            raise GradnetError(
-                f'the metric needs the features\' sparsification percentile '
-                f'q in (0, 100), got {q} (a store records it when extracted)')
-        blocks, _ = layout_blocks([(e.offset, e.shape)
-                                   for e in layout.entries],
-                                  partition, max_block or None)
-        metric = BlockMetric(blocks, layout.block_sizes, device, max_bytes)
-        metric.accumulate_batches(batches).finalize(damping, relative=True)
-        return cls(metric, q)
+        _check_q(q)
+        metric = feature_metric(layout, partition, max_block, device,
+                                max_bytes)
+        return cls.from_accumulated(metric.accumulate_batches(batches), q,
+                                    damping)
+
+    @classmethod
+    def from_accumulated(cls, metric, q, damping=1e-3):
+        """The normalizer of a :class:`BlockMetric` that holds the training
+        rows' sums (e.g. one ``extract --normalize metric`` accumulated),
+        finalized here with relative ``damping``."""
+        _check_q(q)
+        return cls(metric.finalize(damping, relative=True), q)
 
     def __call__(self, csr):
         return self.metric.apply(csr, self.q)
@@ -452,9 +524,7 @@ class MetricNormalizer:
 
     def save(self, folder):
         """Writes the metric to ``folder/metric.h5`` (atomically)."""
-        path = os.path.join(folder, self.FILE)
-        self.metric.save(path + '.tmp')
-        os.replace(path + '.tmp', path)
+        self.metric.save(os.path.join(folder, self.FILE))
 
     @classmethod
     def load(cls, folder, state, device='cpu'):
@@ -462,3 +532,10 @@ class MetricNormalizer:
         normalizer.npz), the metric on ``device``."""
         return cls(BlockMetric.load(os.path.join(folder, cls.FILE), device),
                    float(state['q']))
+
+
+def _check_q(q):
+    if q is None or not 0 < q < 100:
+        raise GradnetError(
+            f'the metric needs the features\' sparsification percentile q '
+            f'in (0, 100), got {q} (a store records it when extracted)')

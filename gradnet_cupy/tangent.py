@@ -987,7 +987,7 @@ def _collect(chunks, output):
     """One TangentBatch of every row, the features being ``output.whole``."""
     chunks = list(chunks)
     xp = get_array_module(chunks[0].features)
-    meta = [xp.concatenate(parts) for parts in zip(*chunks)][1:]
+    meta = [xp.concatenate(parts) for parts in list(zip(*chunks))[1:]]
     return TangentBatch(output.whole, *meta)
 
 

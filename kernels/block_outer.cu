@@ -28,8 +28,6 @@
 
 #define TILE 32
 #define GROUP_THREADS 32
-#define F32_GROUPS 8   // 8 x 32 x 32 floats  = 32 KiB of shared memory
-#define F64_GROUPS 4   // 4 x 32 x 32 doubles = 32 KiB of shared memory
 #define ROW_CHUNK 256  // rows whose runs are searched at once: 8 KiB
 
 // First position p in [lo, hi) with indices[p] >= value (hi when none).
@@ -46,16 +44,19 @@ __device__ long long first_at_least(const int* indices, long long lo,
     return lo;
 }
 
-// The body of both kernels; `tiles` is GROUPS * TILE * TILE shared entries,
-// `runs` ROW_CHUNK shared run bounds. Launch: one thread block per tile,
-// blockDim.x == GROUPS * GROUP_THREADS.
+// Instantiated (CuPy name expressions, see block_outer.py) as
+// block_outer<float, 8> and block_outer<double, 4>: GROUPS private tiles of
+// TILE x TILE entries take 32 KiB of shared memory either way. Launch: one
+// thread block per tile, blockDim.x == GROUPS * GROUP_THREADS.
 template <typename T, int GROUPS>
-__device__ void accumulate_tile(
+__global__ void block_outer(
         const long long* indptr, const int* indices, const float* data,
         const float* weights, long long rows, const long long* starts,
         const long long* sizes, const long long* offsets,
         const int* tile_block, const int* tile_row, const int* tile_col,
-        T* G, T* tiles, long long (*runs)[4]) {
+        T* G) {
+    __shared__ T tiles[GROUPS * TILE * TILE];
+    __shared__ long long runs[ROW_CHUNK][4];
     const int tile = blockIdx.x;
     const int block = tile_block[tile];
     const long long start = starts[block];
@@ -129,30 +130,4 @@ __device__ void accumulate_tile(
             }
         }
     }
-}
-
-extern "C" __global__ void block_outer_f32(
-        const long long* indptr, const int* indices, const float* data,
-        const float* weights, long long rows, const long long* starts,
-        const long long* sizes, const long long* offsets,
-        const int* tile_block, const int* tile_row, const int* tile_col,
-        float* G) {
-    __shared__ float tiles[F32_GROUPS * TILE * TILE];
-    __shared__ long long runs[ROW_CHUNK][4];
-    accumulate_tile<float, F32_GROUPS>(
-        indptr, indices, data, weights, rows, starts, sizes, offsets,
-        tile_block, tile_row, tile_col, G, tiles, runs);
-}
-
-extern "C" __global__ void block_outer_f64(
-        const long long* indptr, const int* indices, const float* data,
-        const float* weights, long long rows, const long long* starts,
-        const long long* sizes, const long long* offsets,
-        const int* tile_block, const int* tile_row, const int* tile_col,
-        double* G) {
-    __shared__ double tiles[F64_GROUPS * TILE * TILE];
-    __shared__ long long runs[ROW_CHUNK][4];
-    accumulate_tile<double, F64_GROUPS>(
-        indptr, indices, data, weights, rows, starts, sizes, offsets,
-        tile_block, tile_row, tile_col, G, tiles, runs);
 }

@@ -48,8 +48,11 @@ from gradnet_cupy.kernels.csr import CSR
 METHODS = ('auto', 'sparse', 'dense')
 CUDA_SOURCE = 'block_outer.cu'
 CUDA_TILE = 32                    # TILE of block_outer.cu
-CUDA_THREADS = {'block_outer_f32': 8 * 32,     # F32_GROUPS * GROUP_THREADS
-                'block_outer_f64': 4 * 32}     # F64_GROUPS * GROUP_THREADS
+# G's dtype -> the template instantiation of block_outer.cu and its threads
+# per block (GROUPS * GROUP_THREADS)
+CUDA_KERNELS = {np.dtype(np.float32): ('block_outer<float, 8>', 8 * 32),
+                np.dtype(np.float64): ('block_outer<double, 4>', 4 * 32)}
+CUDA_NAME_EXPRESSIONS = tuple(name for name, _ in CUDA_KERNELS.values())
 CROSSOVER_FILE = 'block_outer_crossover.json'
 PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
 DENSE_CHUNK = 1 << 24   # entries of the zero-filled (blocks, rows, size) slab
@@ -92,7 +95,9 @@ def _accumulate(csr, blocks, G, weights, method, xp):
             _sparse_reference(entries, blocks, G, w, ~dense)
         else:
             from gradnet_cupy.kernels._cuda import launcher
-            sparse_launch(launcher(CUDA_SOURCE), csr, blocks, G, w,
+            sparse_launch(launcher(CUDA_SOURCE,
+                                   name_expressions=CUDA_NAME_EXPRESSIONS),
+                          csr, blocks, G, w,
                           _to_numpy(~dense))
     return G
 
@@ -108,10 +113,10 @@ def sparse_launch(launch, csr, blocks, G, w, selected):
     if not len(tiles[0]):
         return
     device = blocks.on(xp)
-    name = 'block_outer_f64' if G.dtype == np.float64 else 'block_outer_f32'
+    name, threads = CUDA_KERNELS[G.dtype]
     arrays = [xp.ascontiguousarray(a)
               for a in (csr.indptr, csr.indices, csr.data, w)]
-    launch(name, (len(tiles[0]),), (CUDA_THREADS[name],), 0,
+    launch(name, (len(tiles[0]),), (threads,), 0,
            (*arrays, np.int64(csr.shape[0]), device.starts, device.sizes,
             device.offsets, *tiles, G))
 

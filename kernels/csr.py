@@ -28,6 +28,13 @@ class CSR(NamedTuple):
             (to_numpy(self.data), to_numpy(self.indices),
              to_numpy(self.indptr)), shape=self.shape)
 
+    def to_device(self, device):
+        """The same CSR with its arrays on ``device`` ('cpu' or 'gpu')."""
+        from gradnet_cupy.backend import to_device
+        return CSR(to_device(self.indptr, device),
+                   to_device(self.indices, device),
+                   to_device(self.data, device), self.shape)
+
 
 def vstack(parts, n_columns, xp):
     """Stack CSR row batches of ``n_columns`` columns, all in array module

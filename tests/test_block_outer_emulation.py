@@ -7,7 +7,8 @@ import pytest
 from block_outer_cases import abs_oracle, csr_from_dense, oracle, random_csr
 from cuda_emulation import package_module
 from gradnet_cupy.kernels import Blocks, block_outer_accumulate
-from gradnet_cupy.kernels.block_outer import CUDA_TILE, sparse_launch, tile_list
+from gradnet_cupy.kernels.block_outer import (
+    CUDA_NAME_EXPRESSIONS, CUDA_SOURCE, CUDA_TILE, sparse_launch, tile_list)
 
 # blocks of 1, 2 and 3 columns, one of two tiles per side (a partial
 # off-diagonal tile) and one of three; columns 3, 4, 38 and 110.. in none
@@ -25,8 +26,8 @@ def symmetric_blocks(rng, blocks):
 
 
 def emulated(csr, blocks, G, weights, selected):
-    sparse_launch(package_module('block_outer.cu').launch, csr, blocks, G,
-                  weights, selected)
+    sparse_launch(package_module(CUDA_SOURCE, CUDA_NAME_EXPRESSIONS).launch,
+                  csr, blocks, G, weights, selected)
     return G
 
 

@@ -1,5 +1,7 @@
 """The extraction stage and the extract/merge commands on real data (the
 embedded MNIST digits) and a real base network."""
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from gradnet_cupy import extract as extract_module
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
     candidate_plan, extract_to_store, parse_shard, shard_range)
+from gradnet_cupy.metric import (BlockMetric, feature_blocks, feature_metric,
+                                 store_identity, store_metric_path)
 from gradnet_cupy.models import build_model
 from gradnet_cupy.store import TangentStore
 from gradnet_cupy.tangent import parameter_layout, tangent_features
@@ -54,6 +58,17 @@ def oracle_rows(model, x, labels, candidates, q, sizes):
             out[r, start:start + size][keep] = seg[r][keep]
         start += size
     return out
+
+
+def dying_after(iter_sparse_tangents, n_batches):
+    """``iter_sparse_tangents`` interrupted (KeyboardInterrupt) after its
+    first ``n_batches`` batches: a killed extraction."""
+    def dying(*args, **kwargs):
+        for i, batch in enumerate(iter_sparse_tangents(*args, **kwargs)):
+            if i == n_batches:
+                raise KeyboardInterrupt
+            yield batch
+    return dying
 
 
 def test_extract_all_candidates_equals_oracle(tmp_path, mlp_snapshot):
@@ -112,12 +127,6 @@ def test_rerun_resumes_and_a_different_extraction_is_refused(
     layout = parameter_layout(model)
     original = extract_module.iter_sparse_tangents
 
-    def dies_after_first_batch(*args, **kwargs):
-        for i, batch in enumerate(original(*args, **kwargs)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield batch
-
     def extract(out, q=90):
         return extract_to_store(model, layout, data.gradnet, 10, out,
                                 {'dataset': 'mnist'}, q=q, batch=5,
@@ -125,7 +134,7 @@ def test_rerun_resumes_and_a_different_extraction_is_refused(
 
     out = tmp_path / 'resumed.h5'
     monkeypatch.setattr(extract_module, 'iter_sparse_tangents',
-                        dies_after_first_batch)
+                        dying_after(original, 1))
     with pytest.raises(KeyboardInterrupt):
         extract(out)
     monkeypatch.setattr(extract_module, 'iter_sparse_tangents', original)
@@ -161,3 +170,62 @@ def test_extract_bad_q_is_a_one_line_error(tmp_path, mlp_snapshot):
         snapshot, tmp_path / 'x.h5')))[:-2] + ['--q', '100'])
     assert result.exit_code == 1
     assert result.output.startswith('error:') and 'q' in result.output
+
+
+def dense_block_sums(path, blocks):
+    """Oracle of an accumulated metric: the store read with plain h5py +
+    scipy, ``sum_i t_i[b] t_i[b]^T`` per block in float64 NumPy, packed."""
+    with h5py.File(path, 'r') as f:
+        group = f['X']
+        rows = scipy.sparse.csr_matrix(
+            (group['data'][:], group['indices'][:], group['indptr'][:]),
+            shape=tuple(group.attrs['shape'])).toarray().astype(np.float64)
+    return np.concatenate([
+        (rows[:, s:s + n].T @ rows[:, s:s + n]).ravel()
+        for s, n in zip(blocks.starts, blocks.sizes)]), len(rows)
+
+
+def test_extract_accumulates_the_metric_of_every_row_across_a_resume(
+        tmp_path, mlp_snapshot, monkeypatch):
+    snapshot, model, data = mlp_snapshot
+    layout = parameter_layout(model)
+    original = extract_module.iter_sparse_tangents
+
+    def extract():
+        metric = feature_metric(layout, 'per_unit', max_block=16)
+        return extract_to_store(model, layout, data.gradnet, 10, out,
+                                {'dataset': 'mnist'}, q=90, batch=4,
+                                progress=False, metric=metric)
+
+    out = tmp_path / 'train.h5'
+    monkeypatch.setattr(extract_module, 'iter_sparse_tangents',
+                        dying_after(original, 2))
+    with pytest.raises(KeyboardInterrupt):
+        extract()
+    monkeypatch.setattr(extract_module, 'iter_sparse_tangents', original)
+    assert not store_metric_path(out).exists()
+    summary = extract()
+    assert summary['resumed_from_rows'] == 8
+    assert summary['metric'] == str(tmp_path / 'train.metric.h5')
+    metric = BlockMetric.load(summary['metric'])
+    want, n_rows = dense_block_sums(out, metric.blocks)
+    assert metric.weight_sum == n_rows == SUBSET
+    np.testing.assert_allclose(metric.G, want, rtol=1e-5, atol=1e-12)
+    with TangentStore.open(out) as store:
+        assert metric.source == json.loads(json.dumps(store_identity(store)))
+
+
+def test_extract_command_writes_the_metric_beside_the_store(
+        tmp_path, mlp_snapshot):
+    snapshot, model, _ = mlp_snapshot
+    out = tmp_path / 'train.h5'
+    result = run(*extract_args(snapshot, out, '--normalize', 'metric',
+                               '--metric-partition', 'per_layer',
+                               '--metric-max-block', 32))
+    path = tmp_path / 'train.metric.h5'
+    assert f'metric in {path}' in result.output
+    metric = BlockMetric.load(path)
+    assert metric.blocks == feature_blocks(parameter_layout(model),
+                                           'per_layer', 32)
+    want, _ = dense_block_sums(out, metric.blocks)
+    np.testing.assert_allclose(metric.G, want, rtol=1e-5, atol=1e-12)

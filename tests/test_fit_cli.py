@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from gradnet_cupy.cli import main
 from gradnet_cupy.gradnet import evaluate, load_gradnet
+from gradnet_cupy.metric import MetricNormalizer
 from gradnet_cupy.store import TangentStore
+from gradnet_cupy.tangent import ParameterLayout
 
 SUBSET = 60
 
@@ -148,3 +150,45 @@ def test_online_fit_with_metric(base, tmp_path):
     _, normalizer, _ = load_gradnet(str(out))
     assert normalizer.q == 90 and normalizer.metric.diagonal
     assert normalizer.metric.weight_sum == 20     # one row per digit
+
+
+def test_fit_uses_the_metric_extract_accumulated(base, stores, tmp_path,
+                                                 monkeypatch):
+    """extract --normalize metric saves the sums beside the store; fit
+    --normalize metric with the same blocks uses them (no pass of its
+    own) and gets the metric a pass over the store gives; other blocks
+    or a re-extracted store mean a warning and a pass."""
+    train = tmp_path / 'train.h5'
+    run('extract', '--split', 'gradnet', '--out', train, '--model', base,
+        '--arch', 'mlp', '--subset', SUBSET, '--device', 'cpu', '--json',
+        '--normalize', 'metric', '--metric-max-block', 16)
+    _, test = stores
+    fit_args = ('fit', '--train', train, '--test', test, '--epochs', 1,
+                '--normalize', 'metric', '--hidden', '3,4,2,1,1', '--json')
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError('fit made its own pass over the store')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricNormalizer, 'fit', no_pass)
+        run(*fit_args, '--metric-max-block', 16, '--out', tmp_path / 'a')
+    with pytest.warns(UserWarning, match='other blocks'):
+        run(*fit_args, '--metric-max-block', 8, '--out', tmp_path / 'b')
+    stored = load_gradnet(str(tmp_path / 'a'))[1].metric
+    with TangentStore.open(train) as store:
+        layout = ParameterLayout.from_dict(store.layout)
+        one_pass = MetricNormalizer.fit(
+            (b.csr for b in store.iter_batches(100)), layout,
+            store.provenance['q'], max_block=16).metric
+    assert stored.blocks == one_pass.blocks
+    assert stored.weight_sum == one_pass.weight_sum == SUBSET
+    np.testing.assert_allclose(stored.G, one_pass.G, rtol=1e-9)
+    np.testing.assert_allclose(stored.inverse_sqrt(), one_pass.inverse_sqrt(),
+                               rtol=1e-4, atol=1e-6)
+    os.replace(tmp_path / 'train.metric.h5', tmp_path / 'kept.metric.h5')
+    os.remove(train)
+    run('extract', '--split', 'gradnet', '--out', train, '--model', base,
+        '--arch', 'mlp', '--subset', SUBSET, '--device', 'cpu', '--json')
+    os.replace(tmp_path / 'kept.metric.h5', tmp_path / 'train.metric.h5')
+    with pytest.warns(UserWarning, match='other rows'):
+        run(*fit_args, '--metric-max-block', 16, '--out', tmp_path / 'c')

@@ -26,11 +26,13 @@ def require_tool(name):
 
 
 @functools.lru_cache(maxsize=None)
-def package_module(filename):
+def package_module(filename, name_expressions=()):
     """The :class:`EmulatedModule` of the CUDA source ``filename`` shipped in
-    gradnet_cupy.kernels, read exactly as the CuPy loader reads it
-    (compiled once per process)."""
+    gradnet_cupy.kernels, read exactly as the CuPy loader reads it, with the
+    template instantiations ``name_expressions`` (a tuple; compiled once per
+    process)."""
     from gradnet_cupy.kernels._cuda import read_source
 
     require_tool(os.environ.get('CXX', 'g++'))
-    return EmulatedModule(read_source(filename), filename)
+    return EmulatedModule(read_source(filename), filename,
+                          name_expressions=name_expressions)

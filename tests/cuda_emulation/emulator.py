@@ -10,10 +10,11 @@ with the same meaning as the CuPy launcher of ``gradnet_cupy.kernels._cuda``
 but on NumPy arrays, so a kernel wrapper's launch sequence runs unchanged.
 
 The one rewrite of the source: ``extern __shared__ T name[];`` (inside a
-function) becomes a pointer to the launch's dynamic shared buffer. Kernels
-are found by the pattern ``__global__ void name(``; template kernels are not
-supported (instantiate them in plain kernels). What the shim emulates and
-what it leaves out is listed at the top of cuda_shim.h.
+function) becomes a pointer to the launch's dynamic shared buffer. Plain
+kernels are found by the pattern ``__global__ void name(``; template kernels
+are launched through ``name_expressions`` (``'kernel<float, 8>'``), as with
+``cupy.RawModule``. What the shim emulates and what it leaves out is listed
+at the top of cuda_shim.h.
 
 Checks the GPU would not make (each raises :class:`EmulationError` or
 TypeError): arguments must match the kernel's parameter types exactly (an
@@ -43,7 +44,7 @@ PAD = 4096
 MAX_THREADS = 1024
 MAX_DYNAMIC_SHARED = 48 * 1024
 
-_KERNEL = re.compile(r'__global__\s+void\s+'
+_KERNEL = re.compile(r'(template\s*<[^{};]*>\s*)?__global__\s+void\s+'
                      r'(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
 _EXTERN_SHARED = re.compile(r'extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?'
                             r'([\w\s]*?\w)\s+(\w+)\s*\[\s*\]\s*;')
@@ -55,8 +56,10 @@ class EmulationError(RuntimeError):
 
 
 def kernel_names(source):
-    """Names of the ``__global__`` functions in ``source``, in order."""
-    return _KERNEL.findall(source)
+    """Names of the non-template ``__global__`` functions in ``source``, in
+    order."""
+    return [name for template, name in _KERNEL.findall(source)
+            if not template]
 
 
 def translate(source):
@@ -65,22 +68,31 @@ def translate(source):
         r'\1* \2 = static_cast<\1*>(emu::dynamic_shared());', source)
 
 
-def _launcher_source(source, filename):
-    names = kernel_names(source)
-    if not names:
+def _kernel_symbols(source, name_expressions):
+    """{launch name: C identifier of its launcher} for the plain kernels of
+    ``source`` and the template instantiations ``name_expressions``."""
+    symbols = {name: name for name in kernel_names(source)}
+    for i, expression in enumerate(name_expressions):
+        symbols[expression] = f'template_{i}'
+    return symbols
+
+
+def _launcher_source(source, filename, name_expressions):
+    symbols = _kernel_symbols(source, name_expressions)
+    if not symbols:
         raise EmulationError(f'{filename}: no __global__ kernel found')
     parts = [f'#include "{SHIM}"', f'#line 1 "{filename}"', translate(source),
              'extern "C" {']
-    for name in names:
+    for kernel, symbol in symbols.items():
         parts.append(
-            f'int emu_launch_{name}(unsigned gx, unsigned gy, unsigned gz, '
+            f'int emu_launch_{symbol}(unsigned gx, unsigned gy, unsigned gz, '
             f'unsigned bx, unsigned by, unsigned bz, size_t shared, '
             f'void** args, char* error, size_t error_size) {{ return '
-            f'emu::launch({name}, dim3(gx, gy, gz), dim3(bx, by, bz), '
+            f'emu::launch({kernel}, dim3(gx, gy, gz), dim3(bx, by, bz), '
             f'shared, args, error, error_size); }}')
         parts.append(
-            f'const char* emu_signature_{name}() {{ static const std::string '
-            f's = emu::signature({name}); return s.c_str(); }}')
+            f'const char* emu_signature_{symbol}() {{ static const '
+            f'std::string s = emu::signature({kernel}); return s.c_str(); }}')
     parts.append('}')
     return '\n'.join(parts) + '\n'
 
@@ -141,19 +153,24 @@ class EmulatedModule:
     """The kernels of one CUDA source, compiled for the CPU.
 
     source: the .cu text; filename: its name in compiler and barrier
-    messages; cxx: the compiler (default $CXX or g++).
+    messages; cxx: the compiler (default $CXX or g++); name_expressions:
+    template kernel instantiations to offer, e.g. ``['kernel<float, 8>']``.
     """
 
-    def __init__(self, source, filename='kernel.cu', cxx=None):
+    def __init__(self, source, filename='kernel.cu', cxx=None,
+                 name_expressions=()):
         cxx = cxx or os.environ.get('CXX', 'g++')
-        self._library = ctypes.CDLL(str(_build(_launcher_source(source, filename), cxx)))
+        name_expressions = tuple(name_expressions)
+        self._library = ctypes.CDLL(str(_build(
+            _launcher_source(source, filename, name_expressions), cxx)))
         self.signatures = {}
-        for name in kernel_names(source):
-            signature = getattr(self._library, f'emu_signature_{name}')
+        self._symbols = _kernel_symbols(source, name_expressions)
+        for name, symbol in self._symbols.items():
+            signature = getattr(self._library, f'emu_signature_{symbol}')
             signature.restype = ctypes.c_char_p
             codes = signature().decode()
             self.signatures[name] = codes.split(',') if codes else []
-            launcher = getattr(self._library, f'emu_launch_{name}')
+            launcher = getattr(self._library, f'emu_launch_{symbol}')
             launcher.restype = ctypes.c_int
             launcher.argtypes = [ctypes.c_uint] * 6 + [
                 ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
@@ -173,7 +190,7 @@ class EmulatedModule:
             *(ctypes.addressof(v) if isinstance(v, ctypes.c_void_p) else v.ctypes.data
               for v in values))
         error = ctypes.create_string_buffer(1024)
-        if getattr(self._library, f'emu_launch_{name}')(
+        if getattr(self._library, f'emu_launch_{self._symbols[name]}')(
                 *grid, *block, shared_mem, pointers, error, len(error)):
             raise EmulationError(f'{name}: {error.value.decode()}')
         for position, array in padded:

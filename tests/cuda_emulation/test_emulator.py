@@ -77,19 +77,43 @@ extern "C" __global__ void return_before_barrier(int* out, int n) {
 extern "C" __global__ void overrun(int* out, int n) {
     out[n + threadIdx.x] = 7;
 }
+
+template <typename T, int STEP>
+__global__ void strided_fill(T* out, T value) {
+    __shared__ T first[1];
+    if (threadIdx.x == 0) first[0] = value;
+    __syncthreads();
+    out[threadIdx.x * STEP] = first[0] + (T)threadIdx.x;
+}
 '''
+TEMPLATES = ('strided_fill<float, 2>', 'strided_fill<long long, 1>')
 
 
 @pytest.fixture(scope='module')
 def module():
     require_tool('g++')
-    return EmulatedModule(SOURCE, 'test_kernels.cu')
+    return EmulatedModule(SOURCE, 'test_kernels.cu',
+                          name_expressions=TEMPLATES)
 
 
 def test_kernel_names():
     assert kernel_names(SOURCE) == [
         'block_sums', 'reverse_blocks', 'atomics', 'thread_ids', 'scalar_types',
         'bit_counts', 'divergent_barrier', 'return_before_barrier', 'overrun']
+
+
+def test_template_kernels_through_name_expressions(module):
+    floats = np.zeros(8, dtype=np.float32)
+    module.launch('strided_fill<float, 2>', (1,), (4,), 0,
+                  (floats, np.float32(0.5)))
+    np.testing.assert_array_equal(floats, [0.5, 0, 1.5, 0, 2.5, 0, 3.5, 0])
+    integers = np.zeros(3, dtype=np.int64)
+    module.launch('strided_fill<long long, 1>', (1,), (3,), 0,
+                  (integers, np.int64(10)))
+    np.testing.assert_array_equal(integers, [10, 11, 12])
+    assert module.signatures['strided_fill<float, 2>'] == ['f4*', 'f4']
+    with pytest.raises(EmulationError, match='no kernel'):
+        module.launch('strided_fill', (1,), (1,), 0, (integers, np.int64(1)))
 
 
 def test_static_shared_memory_and_barriers_across_blocks(module, rng):
