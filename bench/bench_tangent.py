@@ -15,7 +15,13 @@ candidates, so 1280 rows of one sample and one candidate each), in one run:
 * the bytes of features written per second next to a plain memory-copy rate
   (into already-touched memory and into fresh memory);
 * where torch imports, torch.func ``vmap(grad)`` on the same architecture
-  and weights (checked to agree with the batched rows).
+  and weights (checked to agree with the batched rows);
+* on the CPU also per CPU-second (``time.process_time``, all threads of the
+  process): the batched path (default threads) against the loop
+  (single-threaded BLAS) and the GEMM with single-threaded BLAS. On a
+  shared machine whose other jobs take cores away, wall-clock rates of a
+  2-thread and a 1-thread computation are not comparable; work per
+  CPU-second is.
 
 Writes bench/results/tangent-<device>.json. Runs unchanged on a GPU (CuPy).
 
@@ -33,7 +39,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 import gradnet_cupy
-from common import best_time, device_name, result_path
+from common import best_cpu_time, best_time, device_name, result_path
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.models import build_model, to_device
@@ -52,6 +58,15 @@ def gemm_rate(xp, repeats):
     b = a.T.copy()
     t = best_time(lambda: xp.matmul(a, b), xp, repeats)
     return 2 * n ** 3 / t
+
+
+def gemm_rate_per_cpu_s(repeats):
+    """float32 GEMM FLOP per CPU-second with single-threaded BLAS."""
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.T.copy()
+    with ThreadpoolController().limit(limits=1, user_api='blas'):
+        return 2 * n ** 3 / best_cpu_time(lambda: a @ b, repeats)
 
 
 def copy_rates(xp, repeats):
@@ -215,6 +230,18 @@ def bench_model(kind, xp, batch, n_loop, repeats):
         'max_rel_err_vs_loop': agree,
     }
     if xp is np:
+        cpu_reuse = best_cpu_time(consume_chunks, repeats)
+        with ThreadpoolController().limit(limits=1, user_api='blas'):
+            cpu_loop = best_cpu_time(
+                lambda: loop_rows(model, layout, x, pairs, xp),
+                max(1, repeats // 2))
+        result.update({
+            'batched_rows_per_cpu_s': rows / cpu_reuse,
+            'loop_rows_per_cpu_s': n_loop / cpu_loop,
+            'speedup_vs_loop_per_cpu_s': (rows / cpu_reuse)
+            / (n_loop / cpu_loop),
+            'batched_wgrad_flops_per_cpu_s': 2 * wgrad * rows / cpu_reuse,
+        })
         got = torch_rows(kind, model, x, layout)
         if got is not None:
             run, version, threads = got
@@ -247,6 +274,7 @@ def main():
     name = device_name(device)
     gemm = gemm_rate(xp, args.repeats)
     copy_touched, copy_fresh = copy_rates(xp, args.repeats)
+    gemm_cpu = gemm_rate_per_cpu_s(args.repeats) if xp is np else None
     report = {
         'device': name,
         'date': datetime.datetime.now().isoformat(timespec='seconds'),
@@ -261,6 +289,7 @@ def main():
         'models': 'gradnet_cupy.models cnn/mlp, seed 0, input 1x28x28',
         'candidates': 'all', 'batch': args.batch,
         'gemm_f32_flops': gemm,
+        'gemm_f32_flops_per_cpu_s_1_thread': gemm_cpu,
         'copy_bytes_per_s_touched': copy_touched,
         'copy_bytes_per_s_fresh': copy_fresh,
     }
@@ -268,6 +297,9 @@ def main():
         r = bench_model(kind, xp, args.batch, n_loop, args.repeats)
         r['wgrad_flops_over_gemm'] = r['batched_wgrad_flops'] / gemm
         r['bytes_over_copy_touched'] = r['batched_bytes_per_s'] / copy_touched
+        if gemm_cpu:
+            r['wgrad_flops_over_gemm_per_cpu_s'] = (
+                r['batched_wgrad_flops_per_cpu_s'] / gemm_cpu)
         report[kind] = r
     report['load_avg_at_end'] = os.getloadavg()
     out = args.out or result_path('tangent', device)

@@ -1,5 +1,5 @@
 """What every bench script shares: the device's name, GPU-synchronised
-wall-clock timing and where results go (bench/results/<name>-<device>.json,
+wall-clock timing, CPU-time timing and where results go (bench/results/<name>-<device>.json,
 ``<device>`` being ``cpu`` or the GPU's name as a slug)."""
 import os
 import platform
@@ -45,6 +45,19 @@ def best_time(function, xp, repeat):
         function()
         synchronize(xp)
         return time.perf_counter() - start
+    once()
+    return min(once() for _ in range(repeat))
+
+
+def best_cpu_time(function, repeat):
+    """Least CPU seconds (``time.process_time``: every thread of this
+    process, not the time other processes had the cores) of ``function()``
+    over ``repeat`` calls, after one warm-up call. NumPy only: the measure
+    that stays comparable on a shared, loaded CPU machine."""
+    def once():
+        start = time.process_time()
+        function()
+        return time.process_time() - start
     once()
     return min(once() for _ in range(repeat))
 
