@@ -18,8 +18,14 @@ size's remaining (denser) points are skipped once dense has won twice in a
 row: sparse only gets slower with density while dense does not, so they
 cannot move the crossover. Skipped points are listed as such. On a shared
 CPU, BLAS threads fighting other processes make dense timings erratic: run
-with one BLAS thread (below); the JSON records the thread setting and the
-load average.
+with one BLAS thread (below); on the CPU every time is CPU time
+(``time.process_time``), which other jobs on the machine do not inflate; the
+JSON records the thread setting and the load average.
+
+Then the dispatcher (``method='auto'``, reading the packaged table, so after
+``--install`` the crossovers just measured) is timed with both paths again at
+every measured point: ``auto_over_best`` is its time over the faster path's
+(target: <= 1.1 everywhere).
 
     OPENBLAS_NUM_THREADS=1 python bench/bench_metric.py --device cpu --install
     python bench/bench_metric.py --device gpu --install
@@ -35,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 import gradnet_cupy
-from common import best_time, device_name, result_path
+from common import best_cpu_time, best_time, device_name, result_path
 from gradnet_cupy.backend import array_module, resolve_device
 from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
 
@@ -66,11 +72,28 @@ def crossover(densities, ratios):
     return 1.01
 
 
+def timer(xp, repeat):
+    """``function -> seconds``: CPU time on the CPU, synchronised wall time
+    on the GPU (best of ``repeat`` after a warm-up)."""
+    if xp is np:
+        return lambda function: best_cpu_time(function, repeat)
+    return lambda function: best_time(function, xp, repeat)
+
+
+def time_methods(csr, blocks, xp, methods, time):
+    """{method: seconds} of accumulating ``csr`` into a fresh G."""
+    G = xp.zeros(blocks.packed_size)
+    return {method: time(lambda: block_outer_accumulate(
+        csr, blocks, G, method=method)) for method in methods}
+
+
 def measure(args):
+    """(result dict, [(point, csr, blocks)] of the measured points)."""
     device = resolve_device(args.device)
     xp = array_module(device)
+    time = timer(xp, args.repeat)
     rng = np.random.default_rng(args.seed)
-    points, crossovers = [], []
+    points, crossovers, cases = [], [], []
     for size in args.sizes:
         blocks = Blocks.contiguous([size] * max(1, args.columns // size))
         ratios, measured, losses = [], [], 0
@@ -82,12 +105,10 @@ def measure(args):
                 points.append(point)
                 continue
             csr = random_batch(rng, args.rows, blocks.n_columns, density, xp)
-            G = xp.zeros(blocks.packed_size)
-            for method in ('sparse', 'dense'):
-                point[f'{method}_s'] = best_time(
-                    lambda: block_outer_accumulate(csr, blocks, G,
-                                                   method=method),
-                    xp, args.repeat)
+            for method, seconds in time_methods(
+                    csr, blocks, xp, ('sparse', 'dense'), time).items():
+                point[f'{method}_s'] = seconds
+            cases.append((point, csr, blocks))
             ratio = point['dense_s'] / point['sparse_s']
             point['dense_over_sparse'] = ratio
             losses = losses + 1 if ratio <= 1 else 0
@@ -122,7 +143,31 @@ def measure(args):
         'repeat': args.repeat, 'points': points,
         'crossovers': {'block_sizes': list(args.sizes),
                        'crossover_density': crossovers},
-    }
+        'timing': 'CPU seconds (process_time)' if xp is np else
+                  'wall seconds, GPU synchronised',
+    }, cases
+
+
+def check_dispatch(cases, xp, repeat):
+    """The auto dispatcher against both paths at every measured point."""
+    time = timer(xp, repeat)
+    checks = []
+    for point, csr, blocks in cases:
+        seconds = time_methods(csr, blocks, xp, ('auto', 'sparse', 'dense'),
+                               time)
+        check = {'block_size': point['block_size'],
+                 'density': point['density'],
+                 **{f'{m}_s': s for m, s in seconds.items()},
+                 'auto_over_best': seconds['auto'] / min(seconds['sparse'],
+                                                         seconds['dense'])}
+        checks.append(check)
+        print(f"size {check['block_size']:5d} density "
+              f"{check['density']:5.2f}: auto/best "
+              f"{check['auto_over_best']:6.3f}", flush=True)
+    ratios = [c['auto_over_best'] for c in checks]
+    return {'points': checks, 'worst_auto_over_best': max(ratios),
+            'points_within_10_percent': sum(r <= 1.1 for r in ratios),
+            'points_measured': len(ratios)}
 
 
 def install(result, results_file):
@@ -155,14 +200,18 @@ def main():
     args = parser.parse_args()
     if args.rows is None:
         args.rows = 2048 if resolve_device(args.device) == 'gpu' else 128
-    result = measure(args)
+    result, cases = measure(args)
     out = args.out or result_path('metric', result['device'])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + '\n')
-    print(f'crossovers {result["crossovers"]} -> {out}')
+    print(f'crossovers {result["crossovers"]}')
     if args.install:
         install(result, out.resolve())
         print(f'installed into {PACKAGED}')
+    result['dispatch'] = check_dispatch(
+        cases, array_module(result['device']), args.repeat)
+    out.write_text(json.dumps(result, indent=2) + '\n')
+    print(f"worst auto/best {result['dispatch']['worst_auto_over_best']:.3f}"
+          f" -> {out}")
 
 
 if __name__ == '__main__':
