@@ -50,3 +50,6 @@ fit none 85 --epochs 3 --normalize none
 fit momentum 85 --epochs 3 --optimizer momentum
 stores 95
 fit q95 95 --epochs 3
+fit paper-hidden-epochs-10 85 --epochs 10 --hidden 5,100,25
+fit metric 85 --epochs 3 --normalize metric
+fit metric-damping-0.1 85 --epochs 3 --normalize metric --metric-damping 0.1
