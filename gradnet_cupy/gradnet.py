@@ -87,25 +87,27 @@ def to_sparse_matrix(csr):
 
 
 class _SparseMatMul(chainer.function_node.FunctionNode):
-    """``y = X W^T`` for a constant sparse ``X`` (rows x k) and dense ``W``
-    (h x k); the gradient flows to ``W`` only: ``gW = gy^T X``."""
+    """``y = X W`` for a constant sparse ``X`` (rows x k) and a dense,
+    C-contiguous ``W`` (k x h); the gradient flows to ``W`` only:
+    ``gW = X^T gy``, C-contiguous (k x h) as computed, so that neither pass
+    copies the k x h matrix."""
 
     def __init__(self, x):
         self.x = x
 
     def forward(self, inputs):
         W, = inputs
-        return (self.x @ W.T).astype(W.dtype, copy=False),
+        return (self.x @ W).astype(W.dtype, copy=False),
 
     def backward(self, indexes, grad_outputs):
         gy, = grad_outputs
-        gW = (self.x.T @ gy.array).T.astype(gy.dtype, copy=False)
+        gW = (self.x.T @ gy.array).astype(gy.dtype, copy=False)
         return chainer.Variable(gW),
 
 
 def sparse_matmul(x, W):
-    """``x @ W.T`` as a Chainer Variable; ``x`` a scipy/cupyx sparse matrix
-    (rows x k), ``W`` a Variable (h x k). Returns (rows x h)."""
+    """``x @ W`` as a Chainer Variable; ``x`` a scipy/cupyx sparse matrix
+    (rows x k), ``W`` a Variable (k x h). Returns (rows x h)."""
     return _SparseMatMul(x).apply((W,))[0]
 
 
@@ -124,6 +126,10 @@ class GradNet(chainer.Chain):
 
     ``forward(csr)`` takes a :class:`gradnet_cupy.kernels.CSR` with float32
     data and returns logits (rows x n_classes) as a Variable.
+
+    Parameters: ``W{b}`` (columns of block b x hidden units of block b),
+    input-major, i.e. hidden block b is ``relu(x_b @ W{b} + b{b})``;
+    ``b{b}`` (hidden units,); ``out``, the Linear to the classes.
     """
 
     def __init__(self, block_sizes, hidden_sizes, n_classes,
@@ -150,10 +156,13 @@ class GradNet(chainer.Chain):
         with self.init_scope():
             for b, ((start, stop), h) in enumerate(
                     zip(self.ranges, hidden_sizes)):
-                scale = np.sqrt(2.0 / (stop - start))
-                initializer = chainer.initializers.Normal(scale, rng=rng)
+                # drawn hidden-major, as Linear weights are, then stored
+                # transposed (input-major)
+                W = np.empty((h, stop - start), dtype=np.float32)
+                chainer.initializers.Normal(
+                    np.sqrt(2.0 / (stop - start)), rng=rng)(W)
                 setattr(self, f'W{b}', chainer.Parameter(
-                    initializer, (h, stop - start)))
+                    np.ascontiguousarray(W.T)))
                 setattr(self, f'b{b}', chainer.Parameter(0.0, (h,)))
             if batchnorm:
                 self.bn = L.BatchNormalization(sum(hidden_sizes))

@@ -29,7 +29,7 @@ def dense_gradnet(model, x):
     row = 0
     for k, (start, stop) in enumerate(model.ranges):
         h = model.hidden_sizes[k]
-        W[row:row + h, start:stop] = getattr(model, f'W{k}').array
+        W[row:row + h, start:stop] = getattr(model, f'W{k}').array.T
         b[row:row + h] = getattr(model, f'b{k}').array
         row += h
     hidden = np.maximum(x @ W.T + b, 0)
@@ -62,8 +62,8 @@ def test_first_layer_gradient_matches_dense_autograd(rng, wiring):
     model.cleargrads()
     parts = []
     for k, (start, stop) in enumerate(model.ranges):
-        pre = F.linear(dense[:, start:stop], getattr(model, f'W{k}'),
-                       getattr(model, f'b{k}'))
+        pre = F.bias(F.matmul(dense[:, start:stop], getattr(model, f'W{k}')),
+                     getattr(model, f'b{k}'))
         parts.append(pre)
     logits = model.out(F.relu(F.concat(parts, axis=1)))
     F.softmax_cross_entropy(logits, t).backward()
@@ -75,7 +75,7 @@ def test_first_layer_gradient_matches_dense_autograd(rng, wiring):
 
 def test_first_layer_passes_numerical_gradient_check(rng):
     csr, _ = random_csr(rng, 5, 12, density=0.5, dtype=np.float64)
-    W = rng.normal(size=(3, 12))
+    W = rng.normal(size=(12, 3))
     gy = rng.normal(size=(5, 3))
     from gradnet_cupy.gradnet import sparse_matmul, to_sparse_matrix
     x = to_sparse_matrix(csr)
