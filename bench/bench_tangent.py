@@ -50,23 +50,20 @@ N_CLASSES = 10
 IN_SHAPE = (1, 28, 28)
 
 
-def gemm_rate(xp, repeats):
-    """float32 GEMM FLOP/s of a large square matmul."""
+def gemm_rate(xp, time):
+    """float32 GEMM FLOP of a large square matmul per second of
+    ``time(function) -> seconds``."""
     n = 2048 if xp is np else 8192
     a = xp.asarray(np.random.default_rng(0).standard_normal((n, n)),
                    dtype=xp.float32)
     b = a.T.copy()
-    t = best_time(lambda: xp.matmul(a, b), xp, repeats)
-    return 2 * n ** 3 / t
+    return 2 * n ** 3 / time(lambda: xp.matmul(a, b))
 
 
 def gemm_rate_per_cpu_s(repeats):
     """float32 GEMM FLOP per CPU-second with single-threaded BLAS."""
-    n = 2048
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    b = a.T.copy()
     with ThreadpoolController().limit(limits=1, user_api='blas'):
-        return 2 * n ** 3 / best_cpu_time(lambda: a @ b, repeats)
+        return gemm_rate(np, lambda f: best_cpu_time(f, repeats))
 
 
 def copy_rates(xp, repeats):
@@ -272,7 +269,7 @@ def main():
     xp = backend.array_module(device)
     n_loop = args.loop_rows or (64 if xp is np else args.batch * N_CLASSES)
     name = device_name(device)
-    gemm = gemm_rate(xp, args.repeats)
+    gemm = gemm_rate(xp, lambda f: best_time(f, xp, args.repeats))
     copy_touched, copy_fresh = copy_rates(xp, args.repeats)
     gemm_cpu = gemm_rate_per_cpu_s(args.repeats) if xp is np else None
     report = {

@@ -25,8 +25,7 @@ from gradnet_cupy.backend import get_array_module, to_device, to_numpy
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
-from gradnet_cupy.metric import (MetricNormalizer, load_store_metric,
-                                 store_metric_path)
+from gradnet_cupy.metric import MetricNormalizer, load_store_metric
 from gradnet_cupy.normalize import METHODS, ColumnStats, Normalizer
 from gradnet_cupy.models import to_device as to_device_model
 from gradnet_cupy.store import TangentStore
@@ -514,7 +513,7 @@ def stored_metric_normalizer(store, layout, metric_options, device):
     metric, why_not = load_store_metric(store, layout, device=device,
                                         **options)
     if metric is None:
-        if store_metric_path(store.path).exists():
+        if why_not:
             warnings.warn(f'{why_not}: accumulating the metric again from '
                           'the store', stacklevel=2)
         return None

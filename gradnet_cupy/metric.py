@@ -276,21 +276,8 @@ class BlockMetric:
     def load(cls, path, device='cpu', max_bytes=DEFAULT_MAX_BYTES):
         """Reads a metric written by :meth:`save`; a file that is not one
         raises :class:`GradnetError`."""
-        import h5py
-
-        try:
-            f = h5py.File(path, 'r')
-        except OSError as error:
-            raise GradnetError(f'cannot open metric file {path}: {error}')
-        with f:
-            if f.attrs.get('format') != FILE_FORMAT:
-                raise GradnetError(f'{path} is not a {FILE_FORMAT} file')
-            if f.attrs['version'] != FILE_VERSION:
-                raise GradnetError(
-                    f'{path}: unsupported metric file version '
-                    f'{f.attrs["version"]} (this code reads {FILE_VERSION})')
-            blocks = Blocks(f['block_starts'][()], f['block_sizes'][()],
-                            int(f.attrs['n_columns']))
+        with _open_metric_file(path) as f:
+            blocks = _file_blocks(f)
             metric = cls(blocks, f['segment_sizes'][()], device, max_bytes)
             G = f['G'][()]
             if G.shape != (blocks.packed_size,):
@@ -298,7 +285,7 @@ class BlockMetric:
                                    f'blocks need ({blocks.packed_size},)')
             metric.G = metric.xp.asarray(G)
             metric.weight_sum = float(f.attrs['weight_sum'])
-            metric.source = json.loads(f.attrs.get('source', 'null'))
+            metric.source = _file_source(f)
             if 'inverse_sqrt' in f:
                 metric.damping = f['damping'][()]
                 packed = metric.xp.asarray(f['inverse_sqrt'][()])
@@ -306,6 +293,42 @@ class BlockMetric:
                     (ids, metric._gather(packed, ids, size))
                     for ids, size in metric._groups()]
         return metric
+
+    @staticmethod
+    def read_header(path):
+        """``(blocks, source)`` of a metric file written by :meth:`save`,
+        without reading its packed arrays."""
+        with _open_metric_file(path) as f:
+            return _file_blocks(f), _file_source(f)
+
+
+def _open_metric_file(path):
+    """The open h5py file of a metric written by :meth:`BlockMetric.save`;
+    a file that is not one raises :class:`GradnetError`."""
+    import h5py
+
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as error:
+        raise GradnetError(f'cannot open metric file {path}: {error}')
+    if f.attrs.get('format') != FILE_FORMAT:
+        f.close()
+        raise GradnetError(f'{path} is not a {FILE_FORMAT} file')
+    if f.attrs['version'] != FILE_VERSION:
+        version = f.attrs['version']
+        f.close()
+        raise GradnetError(f'{path}: unsupported metric file version '
+                           f'{version} (this code reads {FILE_VERSION})')
+    return f
+
+
+def _file_blocks(f):
+    return Blocks(f['block_starts'][()], f['block_sizes'][()],
+                  int(f.attrs['n_columns']))
+
+
+def _file_source(f):
+    return json.loads(f.attrs.get('source', 'null'))
 
 
 def layout_blocks(layout, partition='per_layer', max_block=None):
@@ -387,19 +410,20 @@ def save_store_metric(metric, store):
 def load_store_metric(store, layout, partition='per_unit', max_block=256,
                       device='cpu', max_bytes=DEFAULT_MAX_BYTES):
     """``(metric, None)``: the accumulated metric saved beside the open
-    TangentStore ``store`` by ``extract --normalize metric``, when it exists,
-    was accumulated from exactly these rows and has the blocks of
-    ``partition``/``max_block``; else ``(None, why not)``."""
+    TangentStore ``store`` by ``extract --normalize metric``, when it was
+    accumulated from exactly these rows and has the blocks of
+    ``partition``/``max_block``; ``(None, why not)`` when it does not;
+    ``(None, None)`` when there is no such file."""
     path = store_metric_path(store.path)
     if not path.exists():
-        return None, f'{path} does not exist'
-    metric = BlockMetric.load(path, device, max_bytes)
-    if metric.source != json.loads(json.dumps(store_identity(store))):
+        return None, None
+    blocks, source = BlockMetric.read_header(path)
+    if source != json.loads(json.dumps(store_identity(store))):
         return None, f'{path} was accumulated from other rows than {store.path}'
-    if metric.blocks != feature_blocks(layout, partition, max_block):
+    if blocks != feature_blocks(layout, partition, max_block):
         return None, (f'{path} has other blocks than partition={partition} '
                       f'max_block={max_block}')
-    return metric, None
+    return BlockMetric.load(path, device, max_bytes), None
 
 
 def packed_size_with_cap(sizes, cap):
