@@ -183,6 +183,14 @@ class BlockMetric:
         zero, a touched one is in general dense), or, with ``q``, of ``y``
         re-sparsified per segment by the percentile rule of DESIGN §1.3
         (``percentile_sparsify(y, segment_sizes, q)``).
+
+        Rounding: ``y_b`` is a float32 matrix product whose summation order
+        the BLAS (cuBLAS) picks per processor, thread count and batch shape,
+        so the same row whitened in another batch or chunking agrees to
+        float32 rounding, not bit for bit: each entry lies within
+        ``gamma_s * sum_j |R_ij t_j|`` of the exact value (``s`` the block
+        size, ``gamma_s = s u / (1 - s u)``, ``u = 2^-24``). With ``q`` the
+        kept set can then differ at near-ties of the percentile threshold.
         """
         self._require_finalized()
         xp = check_csr(csr, self.blocks.n_columns)
