@@ -367,7 +367,10 @@ def register_rule(link_class, rule):
     link_class: a ``chainer.Link`` subclass; rule: a :class:`Rule`
     instance (it replaces any rule registered for that class before).
     Only links of exactly that class use the rule (see :func:`rule_for`).
-    Raises GradnetError otherwise.
+    ``parameter_layout`` selects such links when they are named in its
+    ``links`` argument, taking the parameters in ``rule.params`` order.
+    Raises GradnetError when ``link_class`` is not a Link subclass or
+    ``rule`` not a Rule instance.
     """
     if not isinstance(link_class, type) or \
             not issubclass(link_class, chainer.Link):
