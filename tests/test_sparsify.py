@@ -241,9 +241,9 @@ def _sets(indptr, indices, n=6):
     (_sets([0, 2, 3], [1, 4, 0]), [0, 2], r'in \[0, 2\)'),
     (_sets([0, 2, 3], [1, 4, 0]), [[0, 1]], 'integer labels'),
     (_sets([0, 2, 3], [1, 4, 0]), [0.0, 1.0], 'integer labels'),
-    (_sets([0, 2, 3], [4, 1, 0]), [0, 1], 'strictly ascending'),
-    (_sets([0, 2, 3], [1, 1, 0]), [0, 1], 'strictly ascending'),
-    (_sets([0, 2, 3], [1, 6, 0]), [0, 1], r'in \[0, 6\)'),
+    (_sets([0, 2, 3], [4, 1, 0]), [0, 1], 'strictly increasing'),
+    (_sets([0, 2, 3], [1, 1, 0]), [0, 1], 'strictly increasing'),
+    (_sets([0, 2, 3], [1, 6, 0]), [0, 1], r'out of range \[0, 6\)'),
     (_sets([0, 3, 2], [1, 4, 0]), [0, 1], 'indptr'),
     (_sets([0, 2, 3], [1, 4, 0], n=7), [0, 1], 'one column per column'),
 ])
