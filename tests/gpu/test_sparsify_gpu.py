@@ -97,11 +97,16 @@ def test_gather_fixed_matches_numpy():
 
 
 def test_compiled_module_is_cached_per_device():
-    from gradnet_cupy.kernels import _cuda
+    """kernels/_cuda.py keeps no cache: CuPy hands every RawModule of one
+    source, options and name expressions the module it loaded on this
+    device (compiled once)."""
+    from gradnet_cupy.kernels._cuda import raw_module
+    from gradnet_cupy.kernels.block_outer import (CUDA_NAME_EXPRESSIONS,
+                                                  CUDA_SOURCE)
 
-    g = cupy.ones((2, 10), dtype=cupy.float32)
-    percentile_sparsify(g, [10])
-    cached = dict(_cuda._MODULES)
-    percentile_sparsify(g, [10])
-    assert _cuda._MODULES == cached
-    assert any(key[0] == 'sparsify.cu' for key in cached)
+    percentile_sparsify(cupy.ones((2, 10), dtype=cupy.float32), [10])
+    assert raw_module('sparsify.cu').module is raw_module('sparsify.cu').module
+    first, second = (raw_module(CUDA_SOURCE,
+                                name_expressions=CUDA_NAME_EXPRESSIONS)
+                     for _ in range(2))
+    assert first.module is second.module
