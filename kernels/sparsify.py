@@ -4,6 +4,8 @@
 every segment (layer block) keep the entries whose magnitude exceeds the
 segment's ``q``-th percentile. :func:`gather_fixed` is the paper's variant
 with fixed per-label coordinate sets, built by :func:`fixed_index_sets`.
+:func:`check_q` is the one check of a percentile ``q`` (here and in every
+stage that takes one).
 
 The percentile, precisely.  For a segment ``x`` of ``m`` float32 entries the
 threshold is ``numpy.percentile(abs(x).astype(numpy.float64), q)`` (method
