@@ -9,6 +9,11 @@ setup(
     long_description_content_type='text/x-rst',
     python_requires='>=3.9',
     packages=['gradnet_cupy', 'gradnet_cupy.kernels'],
+    # The top-level kernels/ folder (CUDA sources and their NumPy references)
+    # IS the package gradnet_cupy.kernels: this mapping is the only place
+    # that says so, so `import gradnet_cupy.kernels` needs an install (pip
+    # install -e . for a checkout), not just the checkout on sys.path.
+    # tests/test_kernels_import.py imports it the way users do.
     package_dir={'gradnet_cupy.kernels': 'kernels'},
     package_data={'gradnet_cupy.kernels': ['*.cu', '*.cuh', '*.h', '*.json']},
     install_requires=[

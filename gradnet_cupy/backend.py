@@ -68,10 +68,16 @@ def get_array_module(*arrays):
 
 
 def to_numpy(array):
-    """A NumPy copy (or view) of a NumPy or CuPy array."""
-    if isinstance(array, np.ndarray):
-        return array
-    return array.get()
+    """``array`` on the host: a NumPy or CuPy array, or anything
+    ``numpy.asarray`` takes (a list, a NumPy scalar).
+
+    The one host copy of the package: a CuPy array is copied from its
+    device (``array.get()``, on the current stream); anything else goes
+    through ``numpy.asarray``, so a NumPy array comes back as itself.
+    """
+    if hasattr(type(array), '__cuda_array_interface__'):
+        return array.get()
+    return np.asarray(array)
 
 
 def to_device(array, device):

@@ -40,10 +40,10 @@ from importlib import resources
 
 import numpy as np
 
-from gradnet_cupy.backend import get_array_module
+from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels.blocks import Blocks
-from gradnet_cupy.kernels.csr import CSR
+from gradnet_cupy.kernels.csr import check_csr
 
 METHODS = ('auto', 'sparse', 'dense')
 CUDA_SOURCE = 'block_outer.cu'
@@ -62,7 +62,8 @@ def block_outer_accumulate(csr, blocks, G, weights=None, stream=None,
                            method='auto'):
     """``G_b += sum_i weights[i] * t_i[b] t_i[b]^T`` for every block, in place.
 
-    ``csr``: :class:`CSR` (rows x ``blocks.n_columns``), NumPy or CuPy;
+    ``csr``: :class:`~gradnet_cupy.kernels.csr.CSR` (rows x
+    ``blocks.n_columns``), NumPy or CuPy;
     ``blocks``: :class:`Blocks`; ``G``: float32 or float64
     ``(blocks.packed_size,)`` of the same array module, the packed blocks;
     ``weights``: optional float ``(rows,)`` (default all ones); ``stream``: a
@@ -98,7 +99,7 @@ def _accumulate(csr, blocks, G, weights, method, xp):
             sparse_launch(launcher(CUDA_SOURCE,
                                    name_expressions=CUDA_NAME_EXPRESSIONS),
                           csr, blocks, G, w,
-                          _to_numpy(~dense))
+                          to_numpy(~dense))
     return G
 
 
@@ -212,7 +213,7 @@ def _dense(entries, blocks, G, w, selected, xp):
     a zero-filled (group, rows, size) slab X and ``G_b += X_b^T diag(w) X_b``
     by batched matmul in G's dtype."""
     sizes = blocks.sizes
-    chosen = np.flatnonzero(_to_numpy(selected))
+    chosen = np.flatnonzero(to_numpy(selected))
     rows = len(w)
     offsets = blocks.on(xp).offsets
     for size in np.unique(sizes[chosen]):
@@ -258,49 +259,9 @@ def choose_dense(counts, sizes, rows, xp):
     """Bool (k,) of module ``xp``: which blocks the auto dispatcher sends to
     the dense path, from nonzeros per block ``counts`` and ``sizes``."""
     backend = 'numpy' if xp is np else 'cupy'
-    threshold = xp.asarray(crossover_density(backend, _to_numpy(sizes)))
+    threshold = xp.asarray(crossover_density(backend, to_numpy(sizes)))
     density = counts / (max(rows, 1) * sizes)
     return density >= threshold
-
-
-def _to_numpy(array):
-    return array if isinstance(array, np.ndarray) else array.get()
-
-
-def check_csr(csr, n_columns):
-    """Raises :class:`GradnetError` unless ``csr`` is a well-formed
-    :class:`CSR` with ``n_columns`` columns and strictly increasing column
-    indices within each row. Returns its array module."""
-    if not isinstance(csr, CSR):
-        raise GradnetError(f'expected a CSR batch, got {type(csr).__name__}')
-    xp = get_array_module(csr.indptr, csr.indices, csr.data)
-    rows, columns = csr.shape
-    if columns != n_columns:
-        raise GradnetError(
-            f'the CSR batch has {columns} columns but the blocks are over '
-            f'{n_columns} columns')
-    if csr.indptr.shape != (rows + 1,) or csr.data.shape != csr.indices.shape:
-        raise GradnetError(
-            f'malformed CSR: indptr {csr.indptr.shape} for {rows} rows, '
-            f'indices {csr.indices.shape}, data {csr.data.shape}')
-    for name, dtype in (('indptr', np.int64), ('indices', np.int32),
-                        ('data', np.float32)):
-        if getattr(csr, name).dtype != dtype:
-            raise GradnetError(f'CSR {name} must be {np.dtype(dtype).name}, '
-                               f'got {getattr(csr, name).dtype}')
-    if (int(csr.indptr[0]) != 0 or int(csr.indptr[-1]) != csr.nnz
-            or bool((xp.diff(csr.indptr) < 0).any())):
-        raise GradnetError('malformed CSR: indptr must rise from 0 to nnz')
-    if csr.nnz and bool(((csr.indices < 0) | (csr.indices >= columns)).any()):
-        raise GradnetError(
-            f'CSR column indices out of range [0, {columns})')
-    rising = xp.diff(csr.indices.astype(np.int64)) > 0
-    row_start = xp.zeros(csr.nnz, dtype=bool)
-    row_start[csr.indptr[1:-1][csr.indptr[1:-1] < csr.nnz]] = True
-    if csr.nnz and not bool((rising | row_start[1:]).all()):
-        raise GradnetError(
-            'CSR column indices must be strictly increasing within each row')
-    return xp
 
 
 def _check_inputs(csr, blocks, G, weights, method):

@@ -1,7 +1,17 @@
-"""The CSR batch that flows from the sparsify kernel to the store and GradNet."""
+"""The CSR batch that flows from the sparsify kernel to the store and GradNet.
+
+:class:`CSR` is the batch type; :func:`check_csr` is the one validation of a
+CSR batch (the kernels here, the store and the metric call it before they
+trust one); :func:`vstack` stacks row batches. Neighbours: ``sparsify.py``
+produces CSR batches, ``block_outer.py`` consumes them, and
+``gradnet_cupy.backend`` moves their arrays between host and GPU.
+"""
 from typing import NamedTuple, Tuple
 
 import numpy as np
+
+from gradnet_cupy.backend import get_array_module, to_device, to_numpy
+from gradnet_cupy.errors import GradnetError
 
 
 class CSR(NamedTuple):
@@ -23,17 +33,53 @@ class CSR(NamedTuple):
         """A ``scipy.sparse.csr_matrix`` on the host (copies from the GPU)."""
         import scipy.sparse
 
-        from gradnet_cupy.backend import to_numpy
         return scipy.sparse.csr_matrix(
             (to_numpy(self.data), to_numpy(self.indices),
              to_numpy(self.indptr)), shape=self.shape)
 
     def to_device(self, device):
         """The same CSR with its arrays on ``device`` ('cpu' or 'gpu')."""
-        from gradnet_cupy.backend import to_device
         return CSR(to_device(self.indptr, device),
                    to_device(self.indices, device),
                    to_device(self.data, device), self.shape)
+
+
+def check_csr(csr, n_columns=None):
+    """Raises :class:`GradnetError` unless ``csr`` is a well-formed
+    :class:`CSR` (the dtypes of its docstring, ``indptr`` rising from 0 to
+    nnz, column indices in range and strictly increasing within each row)
+    with ``n_columns`` columns (any number when None). Returns its array
+    module (numpy or cupy; the checks read a few scalars back from a GPU)."""
+    if not isinstance(csr, CSR):
+        raise GradnetError(f'expected a CSR batch, got {type(csr).__name__}')
+    xp = get_array_module(csr.indptr, csr.indices, csr.data)
+    rows, columns = csr.shape
+    if n_columns is not None and columns != n_columns:
+        raise GradnetError(
+            f'the CSR batch has {columns} columns but the blocks are over '
+            f'{n_columns} columns')
+    if csr.indptr.shape != (rows + 1,) or csr.data.shape != csr.indices.shape:
+        raise GradnetError(
+            f'malformed CSR: indptr {csr.indptr.shape} for {rows} rows, '
+            f'indices {csr.indices.shape}, data {csr.data.shape}')
+    for name, dtype in (('indptr', np.int64), ('indices', np.int32),
+                        ('data', np.float32)):
+        if getattr(csr, name).dtype != dtype:
+            raise GradnetError(f'CSR {name} must be {np.dtype(dtype).name}, '
+                               f'got {getattr(csr, name).dtype}')
+    if (int(csr.indptr[0]) != 0 or int(csr.indptr[-1]) != csr.nnz
+            or bool((xp.diff(csr.indptr) < 0).any())):
+        raise GradnetError('malformed CSR: indptr must rise from 0 to nnz')
+    if csr.nnz and bool(((csr.indices < 0) | (csr.indices >= columns)).any()):
+        raise GradnetError(
+            f'CSR column indices out of range [0, {columns})')
+    rising = xp.diff(csr.indices.astype(np.int64)) > 0
+    row_start = xp.zeros(csr.nnz, dtype=bool)
+    row_start[csr.indptr[1:-1][csr.indptr[1:-1] < csr.nnz]] = True
+    if csr.nnz and not bool((rising | row_start[1:]).all()):
+        raise GradnetError(
+            'CSR column indices must be strictly increasing within each row')
+    return xp
 
 
 def vstack(parts, n_columns, xp):

@@ -4,6 +4,8 @@
 every segment (layer block) keep the entries whose magnitude exceeds the
 segment's ``q``-th percentile. :func:`gather_fixed` is the paper's variant
 with fixed per-label coordinate sets, built by :func:`fixed_index_sets`.
+:func:`check_q` is the one check of a percentile ``q`` (here and in every
+stage that takes one).
 
 The percentile, precisely.  For a segment ``x`` of ``m`` float32 entries the
 threshold is ``numpy.percentile(abs(x).astype(numpy.float64), q)`` (method
@@ -42,7 +44,7 @@ import numpy as np
 
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.kernels.csr import CSR
+from gradnet_cupy.kernels.csr import CSR, check_csr
 
 CUDA_SOURCE = 'sparsify.cu'
 GPU_BLOCK = 512  # threads per block of both sparsify kernels on the GPU
@@ -73,7 +75,7 @@ def percentile_sparsify(g, sizes, q=85.0, stream=None):
     """
     xp = _check_g(g)
     starts = segment_offsets(sizes, g.shape[1])
-    quantile = _quantile(q)
+    quantile = check_q(q) / 100.0
     if xp is np:
         return _sparsify_numpy(g, starts, quantile)
     from gradnet_cupy.kernels._cuda import launcher
@@ -81,6 +83,18 @@ def percentile_sparsify(g, sizes, q=85.0, stream=None):
     with stream if stream is not None else contextlib.nullcontext():
         return sparsify_launch_sequence(g, starts, quantile,
                                         launcher(CUDA_SOURCE), xp, GPU_BLOCK)
+
+
+def check_q(q):
+    """``q`` as a float after checking it is a real number with
+    ``0 < q < 100`` (a sparsification percentile); GradnetError otherwise.
+    The one check of ``q`` for every stage that takes one."""
+    if isinstance(q, (bool, np.bool_)) or not isinstance(q, numbers.Real):
+        raise GradnetError(f'q must be a number in (0, 100), got {q!r}')
+    q = float(q)
+    if not 0.0 < q < 100.0:
+        raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
+    return q
 
 
 def segment_offsets(sizes, n):
@@ -230,9 +244,10 @@ def gather_fixed(g, index_sets, candidates, stream=None):
 
     g: (rows, n) float32, NumPy or CuPy (other dtypes refused, as in
         :func:`percentile_sparsify`); must be finite.
-    index_sets: :class:`CSR` of shape (n_labels, n) on g's device; row c
-        lists the coordinate set I_c, strictly ascending (its ``data`` are
-        not used: :func:`fixed_index_sets` stores the scores there).
+    index_sets: :class:`CSR` of shape (n_labels, n) on g's device (a
+        well-formed one, see :func:`~gradnet_cupy.kernels.csr.check_csr`);
+        row c lists the coordinate set I_c, strictly ascending (its ``data``
+        are not used: :func:`fixed_index_sets` stores the scores there).
     candidates: (rows,) integer labels in [0, n_labels), NumPy or CuPy.
     stream: CuPy stream for the GPU path; ignored for NumPy input.
 
@@ -248,9 +263,9 @@ def gather_fixed(g, index_sets, candidates, stream=None):
         raise GradnetError('index_sets must be a CSR with one column per '
                            f'column of g ({n})')
     with stream if stream is not None else contextlib.nullcontext():
+        check_csr(index_sets)
         set_ptr = xp.asarray(index_sets.indptr)
         set_idx = xp.asarray(index_sets.indices).astype(xp.int64)
-        _check_index_sets(xp, set_ptr, set_idx, index_sets.shape)
         labels = _check_candidates(xp, candidates, rows, index_sets.shape[0])
         if not bool(xp.isfinite(g).all()):
             raise GradnetError(NONFINITE_MESSAGE)
@@ -291,7 +306,7 @@ def fixed_index_sets(g_sample, candidates, sizes, n_labels, fraction=0.1):
     sample = to_numpy(g_sample)
     rows, n = sample.shape
     starts = segment_offsets(sizes, n)
-    labels = _check_candidates(np, _host(candidates), rows, n_labels)
+    labels = _check_candidates(np, to_numpy(candidates), rows, n_labels)
     if not isinstance(fraction, numbers.Real) or not 0.0 < fraction <= 1.0:
         raise GradnetError(f'fraction must lie in (0, 1], got {fraction!r}')
     segments = list(zip(starts[:-1].tolist(), starts[1:].tolist()))
@@ -333,21 +348,6 @@ def _check_g(g):
     return xp
 
 
-def _quantile(q):
-    """q / 100 as a float after checking 0 < q < 100."""
-    if isinstance(q, (bool, np.bool_)) or not isinstance(q, numbers.Real):
-        raise GradnetError(f'q must be a number in (0, 100), got {q!r}')
-    q = float(q)
-    if not 0.0 < q < 100.0:
-        raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
-    return q / 100.0
-
-
-def _host(array):
-    """A NumPy version of a NumPy or CuPy array or a sequence."""
-    return to_numpy(array) if hasattr(array, 'get') else np.asarray(array)
-
-
 def _check_candidates(xp, candidates, rows, n_labels):
     """candidates as an int64 ``xp`` array after checking shape and range."""
     try:
@@ -360,23 +360,3 @@ def _check_candidates(xp, candidates, rows, n_labels):
     if rows and not bool(((labels >= 0) & (labels < n_labels)).all()):
         raise GradnetError(f'candidates must lie in [0, {n_labels})')
     return labels.astype(xp.int64)
-
-
-def _check_index_sets(xp, set_ptr, set_idx, shape):
-    """Refuses index sets that are malformed, out of range or not strictly
-    ascending within a label."""
-    n_labels, n = shape
-    if (set_ptr.shape != (n_labels + 1,) or int(set_ptr[0]) != 0
-            or int(set_ptr[-1]) != set_idx.size
-            or bool((xp.diff(set_ptr) < 0).any())):
-        raise GradnetError('index_sets.indptr must rise from 0 to nnz over '
-                           f'{n_labels} labels')
-    if set_idx.size and not bool(((set_idx >= 0) & (set_idx < n)).all()):
-        raise GradnetError(f'index_sets indices must lie in [0, {n})')
-    step = xp.diff(set_idx)
-    boundary = xp.zeros(step.shape, dtype=bool)
-    inner = set_ptr[1:-1]
-    boundary[inner[(inner > 0) & (inner < set_idx.size)] - 1] = True
-    if bool(((step <= 0) & ~boundary).any()):
-        raise GradnetError('index_sets indices must be strictly ascending '
-                           'within each label')

@@ -1,5 +1,8 @@
 """Inputs that stress percentile sparsification, and the exact CSR
-comparison, shared by the NumPy, emulation and GPU tests."""
+comparison, shared by the kernel tests of every tier (test_sparsify.py and
+tests/gpu)."""
+import functools
+
 import numpy as np
 
 TINY = np.float32(2.0**-149)  # the smallest denormal
@@ -113,6 +116,18 @@ def hard_cases(scale=1):
     return cases
 
 
+@functools.lru_cache(maxsize=None)
+def _hard_case_table(scale):
+    return {name: (g, sizes, q) for name, g, sizes, q in hard_cases(scale)}
+
+
+def hard_case(name, scale=1):
+    """``(g, sizes, q)`` of the hard case ``name`` at ``scale`` (built once
+    per scale; do not modify g)."""
+    return _hard_case_table(scale)[name]
+
+
+HARD_CASE_NAMES = list(_hard_case_table(1))
 NONFINITE = [np.nan, np.inf, -np.inf]
 
 

@@ -1,12 +1,21 @@
-"""block_outer_accumulate (NumPy paths) against the dense oracle."""
+"""block_outer_accumulate on every tier against the dense oracle.
+
+A test that takes ``backend`` runs on the NumPy reference, on the CUDA kernel
+emulated on the CPU and on CuPy (kernel_backends.py); each tier must agree
+with the dense oracle within the rounding contract of kernels/block_outer.py,
+and the CUDA tiers' NumPy reference too. The crossover table, Blocks and the
+argument checks are host code and run once. GPU-only stress: tests/gpu.
+"""
 import numpy as np
 import pytest
 
-from block_outer_cases import (abs_oracle, csr_from_dense, gappy_blocks,
-                               oracle, random_csr)
+from block_outer_cases import (abs_oracle, block_case, csr_from_dense,
+                               oracle, random_csr, tile_blocks)
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
+from gradnet_cupy.kernels import Blocks, block_outer_accumulate
 from gradnet_cupy.kernels import block_outer
+from gradnet_cupy.kernels.block_outer import CUDA_TILE, METHODS, tile_list
+from kernel_backends import per_tier
 
 # Rounding contract (kernels/block_outer.py): entries agree to a few units of
 # G's precision times the sum of |terms|.
@@ -19,53 +28,109 @@ def assert_close(G, expected, scale):
     assert excess.max() <= 0, f'worst excess {excess.max()}'
 
 
-@pytest.mark.parametrize('method', ['sparse', 'dense', 'auto'])
+def assert_blocks_symmetric(G, blocks):
+    for b, size in enumerate(blocks.sizes):
+        block = G[blocks.offsets[b]:blocks.offsets[b + 1]].reshape(size, size)
+        assert np.array_equal(block, block.T)
+
+
+def _runs(cases, methods=METHODS, weighted=(False, True)):
+    return [(case, method, w) for case in cases for method in methods
+            for w in weighted]
+
+
+# (case of block_outer_cases.block_case, method, weighted) per tier: the
+# emulator affords the CUDA kernel on the small case with weights
+ORACLE_RUNS = per_tier(numpy=_runs(['gappy', 'tiles']),
+                       emulated=_runs(['tiles'], ['sparse'], [True]),
+                       cupy=_runs(['gappy', 'tiles', 'mixed']))
+
+
 @pytest.mark.parametrize('dtype', [np.float64, np.float32])
-@pytest.mark.parametrize('weighted', [False, True])
-def test_matches_dense_oracle(rng, method, dtype, weighted):
-    # empty rows, a row with entries only outside the blocks, blocks of size
-    # 1 and 2, columns in no block
-    csr, dense = random_csr(rng, 60, 130, 0.25, empty_rows=[0, 17, 59])
-    dense[5] = 0
-    dense[5, [4, 129]] = [1.5, -2.0]
-    csr = csr_from_dense(dense)
-    blocks = gappy_blocks(130)
-    weights = (rng.random(60).astype(np.float32) if weighted else None)
-    G = np.zeros(blocks.packed_size, dtype=dtype)
-    assert block_outer_accumulate(csr, blocks, G, weights,
-                                  method=method) is G
-    assert_close(G, oracle(dense, blocks, weights),
-                 abs_oracle(dense, blocks, weights))
+@pytest.mark.parametrize('backend, run', ORACLE_RUNS, indirect=['backend'])
+def test_matches_dense_oracle(backend, run, dtype, rng):
+    case, method, weighted = run
+    csr, dense, blocks, start = block_case(case)
+    start = start.astype(dtype)
+    weights = rng.random(csr.shape[0]).astype(np.float32) if weighted else None
+    G = backend.block_outer(csr, blocks, start, weights, method)
+    expected = start.astype(np.float64) + oracle(dense, blocks, weights)
+    scale = np.abs(start) + abs_oracle(dense, blocks, weights)
+    assert_close(G, expected, scale)
+    if method == 'sparse':  # one fixed order of the terms of G_jk and G_kj
+        assert_blocks_symmetric(G, blocks)
+    if backend.name != 'numpy':
+        reference = block_outer_accumulate(csr, blocks, start.copy(), weights,
+                                           method='sparse')
+        assert_close(reference, expected, scale)
 
 
-def test_accumulates_in_place_over_batches(rng):
+@pytest.mark.backends('numpy', 'cupy')
+def test_accumulates_in_place_over_batches(backend, rng):
     csr, dense = random_csr(rng, 90, 64, 0.3, empty_rows=[40])
     blocks = Blocks.contiguous([16, 16, 32])
     weights = rng.random(90).astype(np.float32)
-    once = np.zeros(blocks.packed_size)
-    block_outer_accumulate(csr, blocks, once, weights)
-    split = np.zeros(blocks.packed_size)
+    once = backend.block_outer(csr, blocks, np.zeros(blocks.packed_size),
+                               weights, 'auto')
+    split = backend.array(np.zeros(blocks.packed_size))
     for lo, hi in [(0, 25), (25, 26), (26, 90)]:
-        part = csr_from_dense(dense[lo:hi])
-        block_outer_accumulate(part, blocks, split, weights[lo:hi],
-                               method='sparse' if lo else 'dense')
-    np.testing.assert_allclose(split, once, rtol=1e-12,
+        part = backend.csr(csr_from_dense(dense[lo:hi]))
+        assert block_outer_accumulate(
+            part, blocks, split, backend.array(weights[lo:hi]),
+            method='sparse' if lo else 'dense') is split
+    np.testing.assert_allclose(backend.host(split), once, rtol=1e-12,
                                atol=1e-13 * np.abs(once).max())
 
 
-def test_sparse_and_dense_paths_agree_on_one_block(rng):
+@pytest.mark.backends('numpy', 'cupy')
+def test_sparse_and_dense_paths_agree_on_one_block(backend, rng):
     # a run of length one, a block wider than the rows and an empty batch
     for rows, columns, density in [(1, 1, 1.0), (3, 300, 0.1), (0, 8, 0.5)]:
         csr, dense = random_csr(rng, rows, columns, density)
         blocks = Blocks([0], [columns], columns)
-        results = []
-        for method in ('sparse', 'dense'):
-            G = np.full(blocks.packed_size, 0.5)
-            block_outer_accumulate(csr, blocks, G, method=method)
-            results.append(G)
         expected = 0.5 + oracle(dense, blocks)
-        for G in results:
+        for method in ('sparse', 'dense'):
+            G = backend.block_outer(csr, blocks,
+                                    np.full(blocks.packed_size, 0.5), None,
+                                    method)
             np.testing.assert_allclose(G, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('rows', [0, 300])
+def test_row_chunks(backend, rng, rows):
+    """No rows at all, and more rows than one chunk of the kernel's run
+    searches."""
+    csr, dense = random_csr(rng, rows, 40, 0.3)
+    blocks = Blocks([0], [40], 40)
+    weights = rng.random(rows).astype(np.float32)
+    G = backend.block_outer(csr, blocks, np.ones(blocks.packed_size),
+                            weights, 'sparse')
+    np.testing.assert_allclose(G, 1 + oracle(dense, blocks, weights),
+                               rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.backends('emulated', 'cupy')
+def test_kernel_touches_only_selected_blocks(backend, rng):
+    blocks = tile_blocks()
+    csr, dense = random_csr(rng, 9, 112, 0.5)
+    selected = np.array([True, False, True, False, True])
+    G = backend.sparse_kernel(csr, blocks, np.zeros(blocks.packed_size),
+                              np.ones(9, dtype=np.float32), selected)
+    expected = oracle(dense, blocks)
+    for b in range(len(blocks)):
+        part = slice(blocks.offsets[b], blocks.offsets[b + 1])
+        want = expected[part] if selected[b] else 0
+        np.testing.assert_allclose(G[part], want, rtol=1e-13, atol=1e-13)
+
+
+def test_tile_list_covers_upper_triangles():
+    blocks = tile_blocks()
+    block, row, col = tile_list(blocks, np.ones(len(blocks), dtype=bool))
+    per_side = -(-blocks.sizes // CUDA_TILE)          # 1, 1, 2, 3, 1
+    assert np.bincount(block).tolist() == (per_side * (per_side + 1) // 2
+                                           ).tolist()
+    assert (row <= col).all() and (col < per_side[block]).all()
+    assert len(set(zip(block, row, col))) == len(block)
 
 
 @pytest.mark.parametrize('method, constant, limit', [

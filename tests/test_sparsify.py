@@ -1,5 +1,12 @@
-"""Tier 1: the NumPy reference of the sparsify kernels against plain-NumPy
-oracles (row by row, segment by segment, with numpy.percentile)."""
+"""percentile_sparsify, gather_fixed and fixed_index_sets on every tier.
+
+A test that takes ``backend`` runs on the NumPy reference, on the CUDA source
+emulated on the CPU and on CuPy (kernel_backends.py). Each tier must give
+the CSR of a plain-NumPy oracle (row by row, segment by segment, with
+numpy.percentile) bit for bit, and the CUDA tiers the NumPy reference's too.
+The argument checks and the NumPy path's blocks of rows are host code and run
+once. GPU-only stress (large shapes, streams, caching): tests/gpu.
+"""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,8 +16,10 @@ from hypothesis.extra import numpy as hnp
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import (CSR, fixed_index_sets, gather_fixed,
                                   percentile_sparsify)
-from sparsify_cases import (NONFINITE, TINY, assert_csr_identical, hard_cases,
-                            with_nonfinite)
+from gradnet_cupy.kernels.sparsify import GPU_BLOCK
+from kernel_backends import per_tier
+from sparsify_cases import (HARD_CASE_NAMES, NONFINITE, TINY,
+                            assert_csr_identical, hard_case, with_nonfinite)
 
 
 def oracle(g, sizes, q):
@@ -31,26 +40,37 @@ def oracle(g, sizes, q):
                np.array(data, dtype=np.float32), g.shape)
 
 
-@pytest.mark.parametrize('name, g, sizes, q', [
-    pytest.param(*case, id=case[0]) for case in hard_cases(scale=3)])
-def test_hard_cases_match_oracle(name, g, sizes, q):
-    assert_csr_identical(percentile_sparsify(g, sizes, q), oracle(g, sizes, q))
+def assert_sparsify_exact(backend, g, sizes, q=85.0, block=None):
+    """The tier's CSR of host g equals the oracle's and (CUDA tiers) the
+    NumPy reference's bit for bit; returns it."""
+    result = backend.percentile_sparsify(g, sizes, q, block)
+    assert_csr_identical(result, oracle(g, sizes, q))
+    if backend.name != 'numpy':
+        assert_csr_identical(result, percentile_sparsify(g, sizes, q))
+    return result
 
 
-def test_long_segment_matches_oracle(rng):
+@pytest.mark.parametrize('name', HARD_CASE_NAMES)
+@pytest.mark.parametrize('backend, scale', per_tier(
+    numpy=[3], emulated=[1], cupy=[1, 40]), indirect=['backend'])
+def test_hard_cases(backend, scale, name):
+    """``scale`` multiplies the segment lengths: what each tier affords."""
+    assert_sparsify_exact(backend, *hard_case(name, scale))
+
+
+@pytest.mark.backends('numpy', 'cupy')
+def test_long_segment_matches_oracle(backend, rng):
     g = rng.standard_normal((3, 200_003)).astype(np.float32)
     g[1, ::5] = 0
-    sizes = [200_000, 3]
-    result = percentile_sparsify(g, sizes, 85.0)
-    assert_csr_identical(result, oracle(g, sizes, 85.0))
+    result = assert_sparsify_exact(backend, g, [200_000, 3], 85.0)
     assert 0.149 < result.nnz / g.size < 0.151
 
 
-def test_cnn_layer_sizes_keep_fifteen_percent(rng):
+@pytest.mark.backends('numpy', 'cupy')
+def test_cnn_layer_sizes_keep_fifteen_percent(backend, rng):
     sizes = [4800, 102400, 23040]
     g = rng.standard_normal((4, sum(sizes))).astype(np.float32)
-    result = percentile_sparsify(g, sizes)
-    assert_csr_identical(result, oracle(g, sizes, 85.0))
+    result = assert_sparsify_exact(backend, g, sizes)
     per_segment = np.add.reduceat(np.bincount(result.indices, minlength=g.shape[1]),
                                   [0, 4800, 4800 + 102400])
     np.testing.assert_array_equal(per_segment, 4 * (np.array(sizes) - (
@@ -69,37 +89,37 @@ def test_blocks_of_rows(rows_per_block, rng, monkeypatch):
     assert_csr_identical(percentile_sparsify(g, sizes), oracle(g, sizes, 85.0))
 
 
-def test_threshold_is_float64_not_float32():
+def test_threshold_is_float64_not_float32(backend):
     """Magnitudes 1 and 1 + ulp, q = 70: the float64 interpolation lies
     below 1 + ulp, so it survives; NumPy's float32 percentile rounds the
     threshold up to 1 + ulp and would drop it."""
     big = np.nextafter(np.float32(1), np.float32(2))
     g = np.array([[1.0, -big]], dtype=np.float32)
     assert np.percentile(np.abs(g[0]), 70) == big  # the float32 pitfall
-    result = percentile_sparsify(g, [2], 70.0)
+    result = backend.percentile_sparsify(g, [2], 70.0)
     assert result.indices.tolist() == [1]
     assert result.data.tolist() == [-big]
 
 
-def test_zeros_and_constant_segments_keep_nothing():
+def test_zeros_and_constant_segments_keep_nothing(backend):
     g = np.zeros((2, 9), dtype=np.float32)
     g[:, 4:] = [[0.5, -0.5, 0.5, 0.5, -0.5], [7, 7, 7, 7, 7]]
-    result = percentile_sparsify(g, [4, 5], 10.0)
+    result = backend.percentile_sparsify(g, [4, 5], 10.0)
     assert result.nnz == 0
     np.testing.assert_array_equal(result.indptr, [0, 0, 0])
 
 
-def test_denormals_are_ordered_exactly():
+def test_denormals_are_ordered_exactly(backend):
     g = np.array([[0, TINY, -2 * TINY, 3 * TINY, 0, 4 * TINY]], dtype=np.float32)
     # sorted magnitudes 0, 0, 1, 2, 3, 4 (x TINY): threshold 1.5 * TINY,
     # which float32 cannot hold (it would round to 2 * TINY)
-    result = percentile_sparsify(g, [6], 50.0)
+    result = backend.percentile_sparsify(g, [6], 50.0)
     assert result.indices.tolist() == [2, 3, 5]
 
 
-def test_signed_values_and_dtypes(rng):
+def test_signed_values_and_dtypes(backend, rng):
     g = rng.standard_normal((6, 50)).astype(np.float32)
-    result = percentile_sparsify(g, [20, 30], 60.0)
+    result = backend.percentile_sparsify(g, [20, 30], 60.0)
     assert result.indptr.dtype == np.int64 and result.indices.dtype == np.int32
     assert result.data.dtype == np.float32
     rows = np.repeat(np.arange(6), np.diff(result.indptr))
@@ -107,31 +127,81 @@ def test_signed_values_and_dtypes(rng):
     assert (np.diff(result.indices)[np.diff(rows) == 0] > 0).all()
 
 
-def test_empty_batch():
-    result = percentile_sparsify(np.zeros((0, 5), dtype=np.float32), [2, 3])
+def test_empty_batch(backend):
+    result = backend.percentile_sparsify(np.zeros((0, 5), dtype=np.float32),
+                                         [2, 3])
     assert result.shape == (0, 5) and result.nnz == 0
     np.testing.assert_array_equal(result.indptr, [0])
 
 
+@pytest.mark.backends('emulated', 'cupy')
+@pytest.mark.parametrize('block', [1, 2, 64])
+def test_block_sizes(backend, block, rng):
+    sizes = [1, 3, 40, 300]
+    g = rng.standard_normal((3, sum(sizes))).astype(np.float32)
+    g[1] = np.round(g[1])  # ties
+    assert_sparsify_exact(backend, g, sizes, 85.0, block)
+
+
+@pytest.mark.backends('emulated', 'cupy')
+def test_gpu_block_size_over_several_tiles(backend, rng):
+    """The block size of the CuPy path; 4,500 entries span two compaction
+    tiles of 512 x 8."""
+    g = rng.standard_normal((1, 5000)).astype(np.float32)
+    assert_sparsify_exact(backend, g, [4500, 500], 85.0, GPU_BLOCK)
+
+
+def test_compaction_tile_boundaries(backend, rng):
+    sizes = [255, 256, 257, 513]  # tile = 32 threads x 8 entries
+    g = rng.standard_normal((2, sum(sizes))).astype(np.float32)
+    for q in (10.0, 85.0):  # dense and sparse output
+        assert_sparsify_exact(backend, g, sizes, q)
+
+
+# (shape, where the bad value sits, sizes): the GPU affords a larger batch
+NONFINITE_BATCHES = {'small': ((3, 40), (2, 33), [30, 10]),
+                     'large': ((50, 5000), (37, 4321), [1000, 4000])}
+
+
+@pytest.mark.parametrize('bad', NONFINITE)
+@pytest.mark.parametrize('backend, batch', per_tier(
+    numpy=['small'], emulated=['small'], cupy=['small', 'large']),
+    indirect=['backend'])
+def test_nonfinite_g_is_refused(backend, batch, bad):
+    """On the CUDA tiers through the kernel's device flag."""
+    shape, at, sizes = NONFINITE_BATCHES[batch]
+    with pytest.raises(GradnetError, match='NaN or Inf'):
+        backend.percentile_sparsify(with_nonfinite(np, bad, shape, at), sizes)
+
+
 _values = st.one_of(
-    st.sampled_from([0.0, 1.0, -1.0, 2.0, float(TINY), -3 * float(TINY), 1e-38]),
+    st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0, float(TINY),
+                     -3 * float(TINY), 1e-38]),
     st.floats(width=32, allow_nan=False, allow_infinity=False))
+# per tier: examples, most segments, most rows (the emulator affords fewer)
+GENERATED = {'numpy': (150, 4, 4), 'emulated': (25, 3, 3), 'cupy': (150, 4, 4)}
 
 
 @st.composite
-def _problems(draw):
-    sizes = draw(st.lists(st.integers(1, 40), min_size=1, max_size=4))
-    rows = draw(st.integers(0, 4))
+def _problems(draw, max_segments, max_rows):
+    sizes = draw(st.lists(st.integers(1, 70), min_size=1,
+                          max_size=max_segments))
+    rows = draw(st.integers(0, max_rows))
     g = draw(hnp.arrays(np.float32, (rows, sum(sizes)), elements=_values))
     q = draw(st.floats(0, 100, exclude_min=True, exclude_max=True))
-    return g, sizes, q
+    return g, sizes, q, draw(st.sampled_from([1, 4, 32]))
 
 
-@settings(max_examples=150, deadline=None)
-@given(_problems())
-def test_generated_problems_match_oracle(problem):
-    g, sizes, q = problem
-    assert_csr_identical(percentile_sparsify(g, sizes, q), oracle(g, sizes, q))
+def test_generated_problems_match_oracle(backend):
+    examples, max_segments, max_rows = GENERATED[backend.name]
+
+    @settings(max_examples=examples, deadline=None)
+    @given(_problems(max_segments, max_rows))
+    def check(problem):
+        g, sizes, q, block = problem
+        assert_sparsify_exact(backend, g, sizes, q, block)
+
+    check()
 
 
 @pytest.mark.parametrize('q', [0, 100, -1, 100.5, float('nan'), '85', True, None])
@@ -159,13 +229,8 @@ def test_bad_g_is_refused(g, message):
         percentile_sparsify(g, [4])
 
 
-@pytest.mark.parametrize('bad', NONFINITE)
-def test_nonfinite_g_is_refused(bad):
-    with pytest.raises(GradnetError, match='NaN or Inf'):
-        percentile_sparsify(with_nonfinite(np, bad), [30, 10])
-
-
-# gather_fixed and fixed_index_sets
+# gather_fixed and fixed_index_sets: array code without CUDA source, so the
+# NumPy and CuPy tiers
 
 def gather_oracle(g, sets, candidates):
     """gather_fixed by its definition, one row at a time."""
@@ -196,38 +261,46 @@ def index_sets_oracle(g, candidates, sizes, n_labels, fraction):
     return sets
 
 
-def test_fixed_index_sets_and_gather_match_oracles(rng):
+@pytest.mark.backends('numpy', 'cupy')
+def test_fixed_index_sets_and_gather_match_oracles(backend, rng):
     sizes, n_labels = [40, 100, 7], 3
     sample = rng.standard_normal((30, sum(sizes))).astype(np.float32)
     sample[:, 50:60] *= 5  # important coordinates
     sample[:, 3] = 0
     labels = np.arange(30) % n_labels
-    sets = fixed_index_sets(sample, labels, sizes, n_labels, fraction=0.1)
+    sets = fixed_index_sets(backend.array(sample), backend.array(labels),
+                            sizes, n_labels, fraction=0.1)
     expected = index_sets_oracle(sample, labels, sizes, n_labels, 0.1)
+    host_sets = backend.host_csr(sets)
     assert sets.shape == (n_labels, sum(sizes))
     for label in range(n_labels):
-        row = sets.indices[sets.indptr[label]:sets.indptr[label + 1]]
+        row = host_sets.indices[host_sets.indptr[label]:host_sets.indptr[label + 1]]
         np.testing.assert_array_equal(row, expected[label])
         assert set(range(50, 60)) <= set(row.tolist())
     g = rng.standard_normal((12, sum(sizes))).astype(np.float32)
     g[::2, 50:55] = 0  # zeros are not stored
     candidates = rng.integers(0, n_labels, size=12)
-    assert_csr_identical(gather_fixed(g, sets, candidates),
+    result = gather_fixed(backend.array(g), sets, backend.array(candidates))
+    assert_csr_identical(backend.host_csr(result),
                          gather_oracle(g, expected, candidates))
 
 
-def test_fixed_index_sets_break_ties_by_column():
+@pytest.mark.backends('numpy', 'cupy')
+def test_fixed_index_sets_break_ties_by_column(backend):
     sample = np.ones((2, 10), dtype=np.float32)
-    sets = fixed_index_sets(sample, [0, 0], [10], 1, fraction=0.3)
+    sets = backend.host_csr(fixed_index_sets(backend.array(sample), [0, 0],
+                                             [10], 1, fraction=0.3))
     assert sets.indices.tolist() == [0, 1, 2]
     assert sets.data.dtype == np.float32 and sets.data.tolist() == [1, 1, 1]
 
 
-def test_gather_fixed_empty_batch():
+@pytest.mark.backends('numpy', 'cupy')
+def test_gather_fixed_empty_batch(backend):
     sets = CSR(np.array([0, 2]), np.array([1, 3], dtype=np.int32),
                np.ones(2, dtype=np.float32), (1, 5))
-    result = gather_fixed(np.zeros((0, 5), dtype=np.float32), sets,
-                          np.zeros(0, dtype=np.int64))
+    result = backend.host_csr(gather_fixed(
+        backend.array(np.zeros((0, 5), dtype=np.float32)), backend.csr(sets),
+        backend.array(np.zeros(0, dtype=np.int64))))
     assert result.shape == (0, 5) and result.nnz == 0
     np.testing.assert_array_equal(result.indptr, [0])
 
@@ -241,9 +314,9 @@ def _sets(indptr, indices, n=6):
     (_sets([0, 2, 3], [1, 4, 0]), [0, 2], r'in \[0, 2\)'),
     (_sets([0, 2, 3], [1, 4, 0]), [[0, 1]], 'integer labels'),
     (_sets([0, 2, 3], [1, 4, 0]), [0.0, 1.0], 'integer labels'),
-    (_sets([0, 2, 3], [4, 1, 0]), [0, 1], 'strictly ascending'),
-    (_sets([0, 2, 3], [1, 1, 0]), [0, 1], 'strictly ascending'),
-    (_sets([0, 2, 3], [1, 6, 0]), [0, 1], r'in \[0, 6\)'),
+    (_sets([0, 2, 3], [4, 1, 0]), [0, 1], 'strictly increasing'),
+    (_sets([0, 2, 3], [1, 1, 0]), [0, 1], 'strictly increasing'),
+    (_sets([0, 2, 3], [1, 6, 0]), [0, 1], r'out of range \[0, 6\)'),
     (_sets([0, 3, 2], [1, 4, 0]), [0, 1], 'indptr'),
     (_sets([0, 2, 3], [1, 4, 0], n=7), [0, 1], 'one column per column'),
 ])
@@ -254,10 +327,18 @@ def test_gather_fixed_refuses_bad_input(sets, candidates, message):
 
 
 @pytest.mark.parametrize('bad', NONFINITE)
-def test_gather_fixed_refuses_nonfinite_g(bad):
-    g = with_nonfinite(np, bad, shape=(2, 6), at=(1, 5))
+@pytest.mark.parametrize('backend, batch', per_tier(
+    numpy=['small'], cupy=['small', 'large']), indirect=['backend'])
+def test_gather_fixed_refuses_nonfinite_g(backend, batch, bad):
+    """Even where the bad value lies outside every coordinate set."""
+    shape, at, _ = NONFINITE_BATCHES[batch]
+    n = shape[1]
+    sets = fixed_index_sets(backend.array(np.ones((1, n), dtype=np.float32)),
+                            [0], [n], 1)  # the first tenth of the columns
+    assert at[1] not in backend.host_csr(sets).indices
     with pytest.raises(GradnetError, match='NaN or Inf'):
-        gather_fixed(g, _sets([0, 2], [1, 4]), np.array([0, 0]))
+        gather_fixed(backend.array(with_nonfinite(np, bad, shape, at)), sets,
+                     backend.array(np.zeros(shape[0], dtype=np.int64)))
 
 
 @pytest.mark.parametrize('kwargs, message', [

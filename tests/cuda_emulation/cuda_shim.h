@@ -27,7 +27,6 @@
 #include <bit>
 #include <climits>
 #include <cmath>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
@@ -99,11 +98,20 @@ class BlockBarrier {
         if (++arrived_ == expected_) {
             arrived_ = 0;
             ++generation_;
-            cv_.notify_all();
+            wake();
             return;
         }
-        cv_.wait(lock, [&] { return generation_ != generation || broken_; });
-        if (generation_ == generation) throw BarrierError();
+        // Sleep on the wake counter without the mutex, so that the woken
+        // threads do not queue for it (a futex wait on Linux).
+        unsigned int seen = wakes_.load(std::memory_order_acquire);
+        lock.unlock();
+        for (;;) {
+            wakes_.wait(seen, std::memory_order_acquire);
+            seen = wakes_.load(std::memory_order_acquire);
+            std::lock_guard<std::mutex> relock(mutex_);
+            if (generation_ != generation) return;
+            if (broken_) throw BarrierError();
+        }
     }
 
     // A thread has finished the kernel (returned or left by BarrierError).
@@ -134,11 +142,17 @@ class BlockBarrier {
     void fail(const std::string& message) {  // the first message is kept
         if (!broken_) message_ = message;
         broken_ = true;
-        cv_.notify_all();
+        wake();
+    }
+
+    // Wakes the waiting threads (called with mutex_ held).
+    void wake() {
+        wakes_.fetch_add(1, std::memory_order_release);
+        wakes_.notify_all();
     }
 
     std::mutex mutex_;
-    std::condition_variable cv_;
+    std::atomic<unsigned int> wakes_{0};
     int expected_ = 0;
     int arrived_ = 0;
     int exited_ = 0;

@@ -1,13 +1,13 @@
-"""Tier 3: block_outer_accumulate and BlockMetric on CuPy against NumPy
-(skipped without a CUDA device, see conftest.py)."""
+"""Tier 3: BlockMetric on CuPy against NumPy (skipped without a CUDA device,
+see conftest.py); the block_outer kernel's own cases: test_block_outer.py
+(every tier) and test_block_outer_gpu.py."""
 import numpy as np
 import pytest
 
-from block_outer_cases import abs_oracle, oracle, random_csr
-from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
+from block_outer_cases import random_csr
+from gradnet_cupy.kernels import CSR
 from gradnet_cupy.metric import BlockMetric
 
-TOLERANCE = {np.float64: 1e-13, np.float32: 1e-6}
 LAYOUT = [(0, (16, 3, 5, 5)), (1200, (16,)), (1216, (10, 400))]
 N = 5216
 
@@ -16,61 +16,6 @@ def to_gpu(csr):
     import cupy
     return CSR(cupy.asarray(csr.indptr), cupy.asarray(csr.indices),
                cupy.asarray(csr.data), csr.shape)
-
-
-def mixed_blocks(columns):
-    """Sizes 1, 2, 31, 33, 100, 1000 (several tiles) and the rest,
-    with gaps."""
-    starts = [0, 2, 10, 41, 80, 200, 1300]
-    sizes = [1, 2, 31, 33, 100, 1000, columns - 1300 - 7]
-    return Blocks(starts, sizes, columns)
-
-
-@pytest.mark.parametrize('method', ['sparse', 'dense', 'auto'])
-@pytest.mark.parametrize('dtype', [np.float64, np.float32])
-def test_gpu_matches_numpy(rng, method, dtype):
-    import cupy
-    csr, dense = random_csr(rng, 300, 3000, 0.15, empty_rows=[0, 150, 299])
-    blocks = mixed_blocks(3000)
-    weights = rng.random(300).astype(np.float32)
-    G = cupy.zeros(blocks.packed_size, dtype=dtype)
-    block_outer_accumulate(to_gpu(csr), blocks, G, cupy.asarray(weights),
-                           method=method)
-    reference = np.zeros(blocks.packed_size, dtype=dtype)
-    block_outer_accumulate(csr, blocks, reference, weights, method='sparse')
-    expected = oracle(dense, blocks, weights)
-    bound = TOLERANCE[dtype] * np.maximum(abs_oracle(dense, blocks, weights),
-                                          1e-30)
-    assert (np.abs(G.get() - expected) <= bound).all()
-    assert (np.abs(reference - expected) <= bound).all()
-
-
-@pytest.mark.parametrize('dtype', [np.float64, np.float32])
-def test_sparse_kernel_is_deterministic_and_symmetric(rng, dtype):
-    import cupy
-    csr, _ = random_csr(rng, 2000, 2048, 0.15)
-    blocks = Blocks.contiguous([2048])
-    runs = []
-    for _ in range(2):
-        G = cupy.zeros(blocks.packed_size, dtype=dtype)
-        block_outer_accumulate(to_gpu(csr), blocks, G, method='sparse')
-        runs.append(G.get())
-    assert np.array_equal(runs[0], runs[1])
-    square = runs[0].reshape(2048, 2048)
-    assert np.array_equal(square, square.T)
-
-
-def test_stream_argument(rng):
-    import cupy
-    csr, dense = random_csr(rng, 50, 300, 0.2)
-    blocks = Blocks.contiguous([100, 200])
-    stream = cupy.cuda.Stream(non_blocking=True)
-    G = cupy.zeros(blocks.packed_size)
-    block_outer_accumulate(to_gpu(csr), blocks, G, stream=stream,
-                           method='sparse')
-    stream.synchronize()
-    np.testing.assert_allclose(G.get(), oracle(dense, blocks), rtol=1e-12,
-                               atol=1e-12)
 
 
 @pytest.mark.parametrize('partition', ['per_layer', 'per_unit', 'diagonal'])
