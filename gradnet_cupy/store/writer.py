@@ -80,7 +80,8 @@ def _check_batch(csr, sample, candidate, target, n_columns):
     ``sample``, ``candidate``, ``target`` one integer per row within the
     range of their stored dtypes (int64, int16, int16)."""
     check_csr(csr, n_columns)
-    indptr, indices, data = (to_numpy(a) for a in csr[:3])
+    indptr, indices, data = (to_numpy(csr.indptr), to_numpy(csr.indices),
+                             to_numpy(csr.data))
     rows = len(indptr) - 1
     if not np.isfinite(data).all():
         raise GradnetError('batch values contain NaN or infinity')
@@ -233,9 +234,11 @@ class StoreWriter:
         return sum(r.rows for r in self._records)
 
     def append(self, csr, sample, candidate, target):
-        """Commit one batch: ``csr`` a :class:`CSR` of ``rows`` rows (NumPy
-        or CuPy arrays; copied to the host here), ``sample`` (int, < 2**63),
-        ``candidate`` and ``target`` (int16 range), each ``(rows,)``.
+        """Commit one batch: ``csr`` a :class:`CSR` of ``rows`` rows and
+        ``n_columns`` columns (indptr int64, indices int32, data float32;
+        NumPy or CuPy arrays, copied to the host here), ``sample`` (int,
+        < 2**63), ``candidate`` and ``target`` (int16 range), each
+        ``(rows,)`` integer arrays or lists.
         The batch is durable against a killed process when this returns."""
         if self._file is None:
             raise GradnetError(f'{self.path}: the writer is closed or the '
