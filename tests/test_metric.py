@@ -4,13 +4,31 @@ import pytest
 import scipy.linalg
 
 from block_outer_cases import csr_from_dense, gappy_blocks, random_csr
-from gradnet_cupy import metric as metric_module
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import Blocks
-from gradnet_cupy.metric import BlockMetric, layout_blocks
+from gradnet_cupy.metric import (BlockMetric, layout_blocks,
+                                 packed_size_with_cap)
+from gradnet_cupy.metric import block_metric as block_metric_module
+from gradnet_cupy.tangent import ParameterEntry, ParameterLayout
 
-# a conv filter bank (4 filters of 3 x 2 x 2), its bias, a Linear (5 x 8)
-LAYOUT = [(0, (4, 3, 2, 2)), (48, (4,)), (52, (5, 8))]
+
+def entry(path, shape, offset):
+    """A ParameterEntry: parameter 'W' of the link ``path``."""
+    return ParameterEntry(path, 'W', shape, offset, int(np.prod(shape)),
+                          'Link')
+
+
+def layout_of(*shapes):
+    """A ParameterLayout of one parameter per link, in order."""
+    offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    return ParameterLayout(tuple(entry(f'/l{i}', shape, int(offset))
+                                 for i, (shape, offset)
+                                 in enumerate(zip(shapes, offsets))))
+
+
+# a conv filter bank (4 filters of 3 x 2 x 2), a bias (4), a Linear (5 x 8),
+# each its own link (offsets 0, 48, 52)
+LAYOUT = layout_of((4, 3, 2, 2), (4,), (5, 8))
 N = 92
 
 
@@ -34,9 +52,10 @@ def test_partitions_of_a_layout():
 
 
 @pytest.mark.parametrize('layout, partition, max_block, message', [
-    ([(0, (4, 3)), (13, (2,))], 'per_layer', None, 'must start at 12'),
-    ([(0, (4, 0))], 'per_layer', None, 'size >= 1'),
-    ([], 'per_layer', None, 'empty'),
+    (ParameterLayout((entry('/a', (4, 3), 0), entry('/b', (2,), 13))),
+     'per_layer', None, 'expected offset 12'),
+    (layout_of((4, 0)), 'per_layer', None, 'size >= 1'),
+    (layout_of(), 'per_layer', None, 'empty'),
     (LAYOUT, 'per_neuron', None, 'unknown partition'),
     (LAYOUT, 'per_unit', 0, 'maximum block size must be >= 1'),
 ])
@@ -159,7 +178,7 @@ def test_apply_in_row_chunks(rng, monkeypatch):
     metric.accumulate(train).finalize()
     test, test_dense = random_csr(rng, 21, N, 0.3, empty_rows=[0, 20])
     whole = metric.apply(test).to_scipy().toarray()
-    monkeypatch.setattr(metric_module, 'WORK_CHUNK', 4 * N)
+    monkeypatch.setattr(block_metric_module, 'WORK_CHUNK', 4 * N)
     chunked = metric.apply(test)
     assert chunked.shape == (21, N)
     unit = np.finfo(np.float32).eps / 2
@@ -225,19 +244,18 @@ def test_load_refuses_other_files(tmp_path):
 
 
 def test_memory_budget_names_what_fits():
-    layout = [(0, (3000,)), (3000, (10, 100))]
-    blocks, _ = layout_blocks(layout, 'per_layer')
+    layout = layout_of((3000,), (10, 100))
+    blocks, _ = layout_blocks(layout, 'per_layer', max_block=None)
     need = (3000 ** 2 + 1000 ** 2) * 12
     budget = 2_000_000
     with pytest.raises(GradnetError) as error:
-        BlockMetric.from_layout(layout, 'per_layer', max_bytes=budget)
+        BlockMetric.from_layout(layout, 'per_layer', max_block=None,
+                                max_bytes=budget)
     message = str(error.value)
     assert f'{need / 2 ** 20:.1f} MiB' in message
     cap = int(message.split('max_block=')[1].split()[0])
-    assert metric_module.packed_size_with_cap(blocks.sizes, cap) * 12 \
-        <= budget
-    assert metric_module.packed_size_with_cap(blocks.sizes, cap + 1) * 12 \
-        > budget
+    assert packed_size_with_cap(blocks.sizes, cap) * 12 <= budget
+    assert packed_size_with_cap(blocks.sizes, cap + 1) * 12 > budget
     assert BlockMetric.from_layout(layout, 'per_layer', max_block=cap,
                                    max_bytes=budget).blocks.sizes.max() <= cap
     assert 'diagonal partition (46.9 KiB)' in message
@@ -248,12 +266,12 @@ def test_memory_budget_names_what_fits():
 def test_packed_size_with_cap_matches_split():
     blocks = Blocks.contiguous([1, 7, 100, 33])
     for cap in (1, 2, 6, 7, 50, 100, 200):
-        assert metric_module.packed_size_with_cap(blocks.sizes, cap) == \
+        assert packed_size_with_cap(blocks.sizes, cap) == \
             blocks.split(cap).packed_size
 
 
 def test_misuse_is_refused(rng):
-    metric = BlockMetric.from_layout(LAYOUT)
+    metric = BlockMetric.from_layout(LAYOUT, 'per_layer', max_block=None)
     csr, _ = random_csr(rng, 3, N, 0.5)
     with pytest.raises(GradnetError, match='not finalized'):
         metric.apply(csr)

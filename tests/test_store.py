@@ -15,8 +15,9 @@ import scipy.sparse
 
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import CSR
-from gradnet_cupy.store import (JOURNAL_SUFFIX, TangentStore, _scan_journal,
+from gradnet_cupy.store import (JOURNAL_SUFFIX, StoreWriter, TangentStore,
                                 file_sha256, merge)
+from gradnet_cupy.store.format import _scan_journal
 
 N_COLUMNS = 700
 LAYOUT = {'links': ['c1', 'c2', 'fc'], 'shapes': [[4, 1, 5, 5], [6, 4, 5, 5],
@@ -64,10 +65,10 @@ def write_store(path, bounds, compression='gzip', provenance=PROVENANCE,
                 chunk_elements=1000):
     """A finalized store of rows bounds[0]:bounds[-1], appended in batches
     bounds[k]:bounds[k + 1]."""
-    writer = TangentStore.create(path, N_COLUMNS, LAYOUT, provenance,
-                                 total_rows=bounds[-1] - bounds[0],
-                                 compression=compression,
-                                 chunk_elements=chunk_elements)
+    writer = StoreWriter.create(path, N_COLUMNS, LAYOUT, provenance,
+                                total_rows=bounds[-1] - bounds[0],
+                                compression=compression,
+                                chunk_elements=chunk_elements)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         writer.append(*make_rows(start, stop, N_COLUMNS))
     return writer.finalize()
@@ -206,8 +207,8 @@ def test_iter_batches_sequential_shuffled_grouped(store_path):
 def test_group_by_sample_gathers_rows_stored_apart(tmp_path):
     """All-candidates grouping works when a sample's rows are not
     adjacent (e.g. candidate-major order)."""
-    writer = TangentStore.create(tmp_path / 'g.h5', N_COLUMNS, LAYOUT,
-                                 PROVENANCE)
+    writer = StoreWriter.create(tmp_path / 'g.h5', N_COLUMNS, LAYOUT,
+                                PROVENANCE)
     csr, _, _, _ = make_rows(0, 12, N_COLUMNS)
     rows = np.arange(12)
     sample = np.array([7, 2, 9, 0])[rows % 4]           # 4 samples x 3
@@ -248,8 +249,8 @@ def test_column_stats_equal_numpy(store_path):
 
 def test_incomplete_extraction_is_refused_until_finalized(tmp_path):
     path = tmp_path / 'part.h5'
-    writer = TangentStore.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
-                                 total_rows=20)
+    writer = StoreWriter.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
+                                total_rows=20)
     writer.append(*make_rows(0, 6, N_COLUMNS))
     with pytest.raises(GradnetError, match='extraction incomplete: 6 of 20 '
                                            'rows; re-run the same command'):
@@ -265,7 +266,7 @@ def test_incomplete_extraction_is_refused_until_finalized(tmp_path):
         np.testing.assert_array_equal(
             store.column_stats()['count'],
             np.bincount(scipy_rows(0, 6).indices, minlength=N_COLUMNS))
-    writer, done = TangentStore.resume(path, PROVENANCE)
+    writer, done = StoreWriter.resume(path, PROVENANCE)
     assert done == 6
     with pytest.raises(GradnetError, match='exceed the announced 20'):
         writer.append(*make_rows(6, 21, N_COLUMNS))
@@ -334,28 +335,28 @@ def test_a_different_extraction_is_never_overwritten(tmp_path, store_path):
     changed = dict(PROVENANCE, q=90)
     with pytest.raises(GradnetError, match='different extraction.*q: 85 '
                                            r'\(expected 90\)'):
-        TangentStore.create_or_resume(store_path, N_COLUMNS, LAYOUT, changed,
-                                      total_rows=90)
+        StoreWriter.create_or_resume(store_path, N_COLUMNS, LAYOUT, changed,
+                                     total_rows=90)
     with pytest.raises(GradnetError, match='already exists'):
-        TangentStore.create(store_path, N_COLUMNS, LAYOUT, PROVENANCE)
+        StoreWriter.create(store_path, N_COLUMNS, LAYOUT, PROVENANCE)
     path = tmp_path / 'p.h5'
-    writer = TangentStore.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
-                                 total_rows=30)
+    writer = StoreWriter.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
+                                total_rows=30)
     writer.append(*make_rows(0, 3, N_COLUMNS))
     writer.close()
     with pytest.raises(GradnetError, match='different extraction.*q: 85'):
-        TangentStore.resume(path, changed)
+        StoreWriter.resume(path, changed)
     with pytest.raises(GradnetError, match='total_rows: 30 .expected 31'):
-        TangentStore.create_or_resume(path, N_COLUMNS, LAYOUT, PROVENANCE,
-                                      total_rows=31)
-    writer, done = TangentStore.resume(path, PROVENANCE)   # still intact
+        StoreWriter.create_or_resume(path, N_COLUMNS, LAYOUT, PROVENANCE,
+                                     total_rows=31)
+    writer, done = StoreWriter.resume(path, PROVENANCE)   # still intact
     assert done == 3
     writer.close()
 
 
 def test_finished_extraction_is_reported_complete(store_path):
-    writer = TangentStore.create_or_resume(store_path, N_COLUMNS, LAYOUT,
-                                           PROVENANCE, total_rows=90)
+    writer = StoreWriter.create_or_resume(store_path, N_COLUMNS, LAYOUT,
+                                          PROVENANCE, total_rows=90)
     assert writer.complete and writer.n_rows == 90
     assert writer.finalize() == store_path
     with pytest.raises(GradnetError, match='finalized'):
@@ -364,19 +365,19 @@ def test_finished_extraction_is_reported_complete(store_path):
 
 def test_second_writer_is_locked_out(tmp_path):
     path = tmp_path / 'l.h5'
-    writer = TangentStore.create(path, N_COLUMNS, LAYOUT, PROVENANCE)
+    writer = StoreWriter.create(path, N_COLUMNS, LAYOUT, PROVENANCE)
     writer.append(*make_rows(0, 2, N_COLUMNS))
     with pytest.raises(GradnetError, match='another process'):
-        TangentStore.resume(path, PROVENANCE)
+        StoreWriter.resume(path, PROVENANCE)
     writer.close()
-    writer, done = TangentStore.resume(path, PROVENANCE)
+    writer, done = StoreWriter.resume(path, PROVENANCE)
     assert done == 2
     writer.close()
 
 
 def test_bad_batches_are_refused(tmp_path):
-    writer = TangentStore.create(tmp_path / 'b.h5', N_COLUMNS, LAYOUT,
-                                 PROVENANCE)
+    writer = StoreWriter.create(tmp_path / 'b.h5', N_COLUMNS, LAYOUT,
+                                PROVENANCE)
     csr, sample, candidate, target = make_rows(0, 4, N_COLUMNS)
     unsorted = csr.indices.copy()
     unsorted[[1, 2]] = unsorted[[2, 1]]
@@ -384,14 +385,14 @@ def test_bad_batches_are_refused(tmp_path):
     nan[3] = np.nan
     cases = [
         (CSR(csr.indptr, csr.indices, csr.data, (4, N_COLUMNS + 1)),
-         sample, candidate, target, 'does not fit'),
+         sample, candidate, target, '701 columns'),
         (csr._replace(indices=unsorted), sample, candidate, target,
          'strictly increasing'),
         (csr._replace(indices=csr.indices + N_COLUMNS), sample, candidate,
-         target, 'must lie in'),
+         target, r'out of range \[0, 700\)'),
         (csr._replace(data=nan), sample, candidate, target, 'NaN'),
         (csr._replace(indptr=csr.indptr[::-1].copy()), sample, candidate,
-         target, 'inconsistent'),
+         target, 'indptr must rise'),
         (csr, sample[:3], candidate, target, 'sample must be 4'),
         (csr, sample, candidate + 40000, target, 'candidate values must fit'),
         (csr, sample, candidate, target.astype(float), 'target must be'),
@@ -404,24 +405,24 @@ def test_bad_batches_are_refused(tmp_path):
     assert writer.n_rows == 4
     writer.close()
     with pytest.raises(GradnetError, match='block_sizes sum to 700'):
-        TangentStore.create(tmp_path / 'x.h5', 699, LAYOUT, PROVENANCE)
+        StoreWriter.create(tmp_path / 'x.h5', 699, LAYOUT, PROVENANCE)
     with pytest.raises(GradnetError, match='filled in by the store'):
-        TangentStore.create(tmp_path / 'x.h5', N_COLUMNS, LAYOUT,
-                            dict(PROVENANCE, created='now'))
+        StoreWriter.create(tmp_path / 'x.h5', N_COLUMNS, LAYOUT,
+                           dict(PROVENANCE, created='now'))
     with pytest.raises(GradnetError, match='JSON'):
-        TangentStore.create(tmp_path / 'x.h5', N_COLUMNS, LAYOUT,
-                            dict(PROVENANCE, model=object()))
+        StoreWriter.create(tmp_path / 'x.h5', N_COLUMNS, LAYOUT,
+                           dict(PROVENANCE, model=object()))
     with pytest.raises(GradnetError, match='unknown compression'):
-        TangentStore.create(tmp_path / 'x.h5', N_COLUMNS, LAYOUT,
-                            PROVENANCE, compression='zstd')
+        StoreWriter.create(tmp_path / 'x.h5', N_COLUMNS, LAYOUT,
+                           PROVENANCE, compression='zstd')
 
 
 def test_torn_journal_tail_is_cut_off(tmp_path):
     """Every way the last batch can be half-written (cut anywhere, or
     garbage behind it) resumes at the previous batch boundary."""
     reference = tmp_path / 'reference.partial'
-    writer = TangentStore.create(tmp_path / 'reference', N_COLUMNS, LAYOUT,
-                                 PROVENANCE, total_rows=30)
+    writer = StoreWriter.create(tmp_path / 'reference', N_COLUMNS, LAYOUT,
+                                PROVENANCE, total_rows=30)
     writer.append(*make_rows(0, 10, N_COLUMNS))
     committed = os.path.getsize(reference)
     writer.append(*make_rows(10, 20, N_COLUMNS))
@@ -437,7 +438,7 @@ def test_torn_journal_tail_is_cut_off(tmp_path):
         path = tmp_path / f'case{case}.h5'
         journal = tmp_path / f'case{case}.h5{JOURNAL_SUFFIX}'
         journal.write_bytes(damage(reference.read_bytes()))
-        writer, done = TangentStore.resume(path, PROVENANCE)
+        writer, done = StoreWriter.resume(path, PROVENANCE)
         assert done == rows, case
         assert os.path.getsize(journal) == (committed if rows == 10
                                             else full)   # tail cut off
@@ -451,8 +452,8 @@ def test_failed_write_is_cut_off(tmp_path):
     """A batch whose write fails half-way (here: after its header) leaves
     no trace: the next batch follows the last complete one."""
     path = tmp_path / 'f.h5'
-    writer = TangentStore.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
-                                 total_rows=30)
+    writer = StoreWriter.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
+                                total_rows=30)
     writer.append(*make_rows(0, 10, N_COLUMNS))
     journal, calls = writer._file, []
 
@@ -473,7 +474,7 @@ def test_failed_write_is_cut_off(tmp_path):
     assert writer.n_rows == 10
     writer.append(*make_rows(10, 20, N_COLUMNS))
     writer.close()
-    writer, done = TangentStore.resume(path, PROVENANCE)   # reads the file
+    writer, done = StoreWriter.resume(path, PROVENANCE)   # reads the file
     assert done == 20
     writer.append(*make_rows(20, 30, N_COLUMNS))
     with TangentStore.open(writer.finalize()) as store:
@@ -482,8 +483,8 @@ def test_failed_write_is_cut_off(tmp_path):
 
 CRASH_SCRIPT = ROWS_SOURCE + textwrap.dedent('''
     import json, sys
-    import gradnet_cupy.store
-    from gradnet_cupy.store import TangentStore
+    from gradnet_cupy.normalize import ColumnStats
+    from gradnet_cupy.store import StoreWriter
 
     path, total, batch, settings = sys.argv[1:]
     total, batch, settings = int(total), int(batch), json.loads(settings)
@@ -515,7 +516,7 @@ CRASH_SCRIPT = ROWS_SOURCE + textwrap.dedent('''
             return getattr(self.f, name)
 
 
-    add = gradnet_cupy.store.ColumnStats.add_entries
+    add = ColumnStats.add_entries
 
     def announced_add(self, indices, data):
         """Test instrumentation: announce each block finalize writes."""
@@ -523,8 +524,8 @@ CRASH_SCRIPT = ROWS_SOURCE + textwrap.dedent('''
         step('finalize-block')
 
 
-    gradnet_cupy.store.ColumnStats.add_entries = announced_add
-    writer = TangentStore.create_or_resume(
+    ColumnStats.add_entries = announced_add
+    writer = StoreWriter.create_or_resume(
         path, settings['n_columns'], settings['layout'],
         settings['provenance'], total_rows=total, chunk_elements=4096)
     writer._file = SlowJournal(writer._file)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from gradnet_cupy.kernels import CSR
-from gradnet_cupy.store import TangentStore
+from gradnet_cupy.store import StoreWriter, TangentStore
 
 cupy = pytest.importorskip('cupy')
 
@@ -16,7 +16,7 @@ def test_append_cupy_batch_reads_back_equal(tmp_path, rng):
     gpu = CSR(cupy.asarray(indptr, dtype=cupy.int64),
               cupy.asarray(cols, dtype=cupy.int32),
               cupy.asarray(dense[rows, cols]), (6, 50))
-    writer = TangentStore.create(tmp_path / 'g.h5', 50, {}, {'seed': 0})
+    writer = StoreWriter.create(tmp_path / 'g.h5', 50, {}, {'seed': 0})
     writer.append(gpu, cupy.arange(6), cupy.zeros(6, cupy.int16),
                   cupy.ones(6, cupy.int16))
     with TangentStore.open(writer.finalize()) as store:

@@ -1,0 +1,31 @@
+"""The block-diagonal metric of the tangent space: ``G^{-1/2}`` whitening
+of tangent features (DESIGN §1, §3).
+
+Modules, one job each:
+
+- :mod:`.partition`     blocks of a parameter layout (:func:`layout_blocks`,
+  :func:`feature_blocks`), the defaults ``DEFAULT_PARTITION = 'per_unit'``
+  and ``DEFAULT_MAX_BLOCK = 256``, the memory budget (:func:`check_memory`);
+- :mod:`.block_metric`  :class:`BlockMetric`: accumulate, finalize, apply
+  (whitening), and :func:`feature_metric`;
+- :mod:`.file`          the metric's HDF5 file (save, load, read_header);
+- :mod:`.stored`        the metric saved beside a tangent store.
+
+The ``metric`` normalization built on it (re-sparsified whitening as a
+GradNet input normalizer) lives in :mod:`gradnet_cupy.normalize`.
+"""
+from gradnet_cupy.metric.block_metric import BlockMetric, feature_metric
+from gradnet_cupy.metric.file import FILE_FORMAT, FILE_VERSION
+from gradnet_cupy.metric.partition import (
+    BYTES_PER_ENTRY, DEFAULT_MAX_BLOCK, DEFAULT_MAX_BYTES, DEFAULT_PARTITION,
+    PARTITIONS, check_memory, feature_blocks, layout_blocks,
+    packed_size_with_cap)
+from gradnet_cupy.metric.stored import (
+    load_store_metric, save_store_metric, store_identity, store_metric_path)
+
+__all__ = ['BYTES_PER_ENTRY', 'BlockMetric', 'DEFAULT_MAX_BLOCK',
+           'DEFAULT_MAX_BYTES', 'DEFAULT_PARTITION', 'FILE_FORMAT',
+           'FILE_VERSION', 'PARTITIONS', 'check_memory', 'feature_blocks',
+           'feature_metric', 'layout_blocks', 'load_store_metric',
+           'packed_size_with_cap', 'save_store_metric', 'store_identity',
+           'store_metric_path']

@@ -1,0 +1,113 @@
+"""Merging shards: :func:`merge` joins the finished shard stores of one
+extraction (``extract --shard i/n``) into one store, as if extracted at
+once.
+
+Neighbours: reads the shards with :class:`~.reader.TangentStore`, writes the
+result with :mod:`.format`'s HDF5 writer and atomic install (no journal: a
+merge is redone from the shards when killed), checks the shards' identity
+the way :mod:`.writer` checks a resumed extraction (:mod:`.format`'s
+provenance helpers).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.store.format import (
+    SHARD_KEY, TMP_SUFFIX, _Block, _created_now, _differences, _identity,
+    _install, _journal, _storage, _write_h5)
+from gradnet_cupy.store.reader import TangentStore
+
+
+def merge(shard_paths, out_path, compression=None, chunk_elements=None,
+          rows_per_block=4096):
+    """Join the finished shards of one extraction into the store
+    ``out_path``; returns its path.
+
+    Every shard's provenance has ``shard``: ``[i, n]``; all ``n`` shards must
+    be given (any order), with the same layout, columns and provenance
+    otherwise. Rows follow shard index order; the result's provenance is the
+    shards' without ``shard`` (and a new ``created``), and the root
+    attribute ``merged_from`` lists the shard files. ``compression`` and
+    ``chunk_elements`` default to the first shard's.
+    """
+    out_path = Path(out_path)
+    for existing in (out_path, _journal(out_path)):
+        if existing.exists():
+            raise GradnetError(f'{existing} already exists: refusing to '
+                               'overwrite it with the merge')
+    if not shard_paths:
+        raise GradnetError('merge needs at least one shard')
+    stores = []
+    try:
+        for shard_path in shard_paths:
+            stores.append(TangentStore.open(shard_path))
+        stores = _order_shards(stores)
+        first = stores[0]
+        storage = _storage(compression or first.storage['compression'],
+                           chunk_elements or first.storage['chunk_elements'])
+        provenance = {k: v for k, v in first.provenance.items()
+                      if k not in (SHARD_KEY, 'created')}
+        provenance['created'] = _created_now()
+        header = {'n_columns': first.n_columns, 'layout': first.layout,
+                  'provenance': provenance, 'storage': storage}
+        sources = [{'file': str(s.path),
+                    'created': s.provenance.get('created'),
+                    'rows': len(s)} for s in stores]
+        tmp = out_path.with_name(out_path.name + TMP_SUFFIX)
+        try:
+            _write_h5(tmp, header, sum(len(s) for s in stores),
+                      sum(s.nnz for s in stores),
+                      _store_blocks(stores, rows_per_block),
+                      {'merged_from': json.dumps(sources)})
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _install(tmp, out_path)
+    finally:
+        for store in stores:
+            store.close()
+    return out_path
+
+
+def _order_shards(stores):
+    """The shard stores sorted by shard index, after checking that they are
+    all ``n`` shards of one extraction."""
+    marks = []
+    for store in stores:
+        mark = store.provenance.get(SHARD_KEY)
+        if not (isinstance(mark, list) and len(mark) == 2
+                and all(isinstance(v, int) for v in mark)):
+            raise GradnetError(f'{store.path}: not a shard (its provenance '
+                               f'has no {SHARD_KEY!r}: [i, n])')
+        marks.append(tuple(mark))
+    n = marks[0][1]
+    if sorted(marks) != [(i, n) for i in range(n)]:
+        raise GradnetError(f'merge needs each of the {n} shards exactly '
+                           f'once, got shards {sorted(marks)}')
+    stores = [s for _, s in sorted(zip(marks, stores), key=lambda p: p[0])]
+    reference = stores[0]
+    common = {k: v for k, v in _identity(reference.provenance).items()
+              if k != SHARD_KEY}
+    for store in stores[1:]:
+        mine = {k: v for k, v in _identity(store.provenance).items()
+                if k != SHARD_KEY}
+        problems = _differences(mine, common)
+        if store.n_columns != reference.n_columns \
+                or store.layout != reference.layout:
+            problems = 'layout or column count; ' + problems
+        if problems:
+            raise GradnetError(f'{store.path} is not a shard of the same '
+                               f'extraction as {reference.path}: {problems}')
+    return stores
+
+
+def _store_blocks(stores, rows_per_block):
+    """The rows of ``stores`` in order, as :class:`_Block`s."""
+    for store in stores:
+        for start in range(0, len(store), rows_per_block):
+            csr, sample, candidate, target = store.read(
+                start, min(start + rows_per_block, len(store)))
+            yield _Block(np.diff(csr.indptr), csr.indices, csr.data, sample,
+                         candidate, target)
