@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='gradnet-cupy',
@@ -8,7 +8,10 @@ setup(
     long_description=open('README.rst').read(),
     long_description_content_type='text/x-rst',
     python_requires='>=3.9',
-    packages=['gradnet_cupy', 'gradnet_cupy.kernels'],
+    # every subpackage of gradnet_cupy (tangent, store, metric, normalize,
+    # gradnet, geodesic, ...) plus the kernels mapping below
+    packages=find_packages(include=['gradnet_cupy', 'gradnet_cupy.*'])
+    + ['gradnet_cupy.kernels'],
     # The top-level kernels/ folder (CUDA sources and their NumPy references)
     # IS the package gradnet_cupy.kernels: this mapping is the only place
     # that says so, so `import gradnet_cupy.kernels` needs an install (pip

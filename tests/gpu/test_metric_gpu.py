@@ -7,8 +7,10 @@ import pytest
 from block_outer_cases import random_csr
 from gradnet_cupy.kernels import CSR
 from gradnet_cupy.metric import BlockMetric
+from test_metric import layout_of
 
-LAYOUT = [(0, (16, 3, 5, 5)), (1200, (16,)), (1216, (10, 400))]
+# a conv filter bank, a bias and a Linear, each its own link
+LAYOUT = layout_of((16, 3, 5, 5), (16,), (10, 400))
 N = 5216
 
 
@@ -40,7 +42,8 @@ def test_metric_on_gpu_matches_cpu(rng, partition):
 
 def test_metric_gpu_save_load(rng, tmp_path):
     train, _ = random_csr(rng, 100, N, 0.15)
-    metric = BlockMetric.from_layout(LAYOUT, 'per_unit', device='gpu')
+    metric = BlockMetric.from_layout(LAYOUT, 'per_unit', max_block=None,
+                                     device='gpu')
     metric.accumulate(to_gpu(train)).finalize()
     metric.save(tmp_path / 'metric.h5')
     loaded = BlockMetric.load(tmp_path / 'metric.h5', device='cpu')

