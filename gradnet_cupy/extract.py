@@ -20,9 +20,8 @@ from gradnet_cupy.kernels import percentile_sparsify
 from gradnet_cupy.kernels.csr import vstack
 from gradnet_cupy.metric import save_store_metric
 from gradnet_cupy.store import DEFAULT_COMPRESSION, TangentStore, file_sha256
-from gradnet_cupy.tangent import iter_tangent_features
+from gradnet_cupy.tangent import CANDIDATE_MODES, iter_tangent_features
 
-CANDIDATE_MODES = ('random', 'all', 'true')
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
 
