@@ -23,7 +23,8 @@ digits of the base split; then
      candidates of 10 samples);
 3. GradNet's consumption of the same rows (``build_gradnet(block_sizes,
    10, NetOptions())``, normalizer ``ColumnNormalizer.from_stats(stats,
-   block_sizes, NormalizeOptions())``, i.e. ``scale_power``, from the gradnet store's column statistics): training rows/s (normalize
+   block_sizes, NormalizeOptions())``, i.e. ``scale_power``, from the
+   gradnet store's column statistics): training rows/s (normalize
    + ``train_step``, shuffled batches of 25, read beforehand) and inference
    rows/s (normalize + ``candidate_outputs``, sample-grouped batches);
    ``read_over_train`` and ``read_over_inference`` per configuration are

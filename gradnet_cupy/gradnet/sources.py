@@ -24,9 +24,10 @@ STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
 
 
 def store_test_batches(test_store, device, batch=100):
-    """``(csr, sample, target)`` batches of a test store on ``device``, all
-    candidate rows of each sample read together (for
-    :func:`~.training.evaluate_candidates`)."""
+    """``(csr, sample, target)`` batches of a test store: a float32 CSR
+    (rows x n_columns) on ``device`` and the host int64 sample id and int
+    true label of each row (rows,), all candidate rows of each sample read
+    together (for :func:`~.training.evaluate_candidates`)."""
     for b in test_store.iter_batches(batch, group_by_sample=True):
         yield b.csr.to_device(device), b.sample, b.target
 
@@ -34,14 +35,15 @@ def store_test_batches(test_store, device, batch=100):
 def store_evaluator(model, test_store, normalizer, device):
     """``() -> accuracy`` of ``model`` on a test store."""
     def evaluate_test():
-        return evaluate_candidates(model, store_test_batches(test_store, device),
-                        normalizer)[0]
+        return evaluate_candidates(
+            model, store_test_batches(test_store, device), normalizer)[0]
     return evaluate_test
 
 
 def store_batches(store, normalizer, batch, seed, device):
     """``epoch -> iterator of (normalized csr, target)`` over a training
-    store, shuffled per epoch from ``seed``."""
+    store, shuffled per epoch from ``seed``: float32 CSR (``batch`` rows x
+    n_columns) and int32 (rows,) labels, both on ``device``."""
     def epoch_batches(epoch):
         for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch):
             yield (normalizer(b.csr.to_device(device)),

@@ -13,7 +13,8 @@ from tqdm import tqdm
 from gradnet_cupy.backend import to_numpy
 from gradnet_cupy.chainer_compat import chainer, F
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.gradnet.model import candidate_outputs, predict_from_candidates
+from gradnet_cupy.gradnet.model import (candidate_outputs,
+                                        predict_from_candidates)
 
 GRADNET_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 

@@ -27,7 +27,8 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import CSR
 from gradnet_cupy.normalize.protocol import Normalizer
 
-COLUMN_METHODS = ('none', 'scale', 'standard', 'standard_l2', 'power', 'scale_power')
+COLUMN_METHODS = ('none', 'scale', 'standard', 'standard_l2', 'power',
+                  'scale_power')
 STAT_FIELDS = ('count', 'min', 'max', 'sum', 'sumsq')
 
 
