@@ -116,7 +116,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     model checksum, ...); a store at ``out`` from a different extraction is
     refused. ``compression``: the store's ('gzip', 'lzf' or 'none').
     ``metric``: an empty :class:`~gradnet_cupy.metric.BlockMetric` on
-    ``device`` (:func:`~gradnet_cupy.metric.feature_metric`) that
+    ``device`` (the ``extraction_accumulator`` of
+    :class:`~gradnet_cupy.normalize.MetricNormalizer`) that
     accumulates every row of the store as its batches are extracted (a
     resumed run first reads back the rows committed before), saved to
     :func:`~gradnet_cupy.metric.store_metric_path` once the store is final.
