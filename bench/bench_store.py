@@ -22,8 +22,9 @@ digits of the base split; then
      the original GradNet batch) and sample-grouped batches (all 10
      candidates of 10 samples);
 3. GradNet's consumption of the same rows (``build_gradnet(block_sizes,
-   10)``, normalizer ``Normalizer.fit('scale_power', stats, block_sizes)``
-   from the gradnet store's column statistics): training rows/s (normalize
+   10, NetOptions())``, normalizer ``ColumnNormalizer.from_stats(stats,
+   block_sizes, NormalizeOptions())``, i.e. ``scale_power``, from the
+   gradnet store's column statistics): training rows/s (normalize
    + ``train_step``, shuffled batches of 25, read beforehand) and inference
    rows/s (normalize + ``candidate_outputs``, sample-grouped batches);
    ``read_over_train`` and ``read_over_inference`` per configuration are
@@ -64,8 +65,9 @@ from gradnet_cupy.extract import extract_to_store, model_provenance
 from gradnet_cupy.gradnet import (build_gradnet, candidate_outputs,
                                   make_optimizer, train_step)
 from gradnet_cupy.kernels import percentile_sparsify
-from gradnet_cupy.models import to_device as model_to_device
-from gradnet_cupy.normalize import Normalizer
+from gradnet_cupy.models import model_to_device
+from gradnet_cupy.normalize import ColumnNormalizer
+from gradnet_cupy.options import NetOptions, NormalizeOptions
 from gradnet_cupy.store import TangentStore
 from gradnet_cupy.tangent import parameter_layout, tangent_features
 from gradnet_cupy.train_base import load_base, train_base
@@ -220,8 +222,8 @@ def measure_gradnet(train_store_path, rows_store_path, layout, n_classes,
     sample-grouped batches). The normalizer is fitted from the column
     statistics of ``train_store_path``."""
     with TangentStore.open(train_store_path) as store:
-        normalizer = Normalizer.fit('scale_power', store.column_stats(),
-                                    layout.block_sizes)
+        normalizer = ColumnNormalizer.from_stats(
+            store.column_stats(), layout.block_sizes, NormalizeOptions())
     with TangentStore.open(rows_store_path) as store:
         patterns = read_patterns(store)
         train_batches = [(b.csr.to_device(device),
@@ -231,7 +233,7 @@ def measure_gradnet(train_store_path, rows_store_path, layout, n_classes,
                    for b in patterns['grouped_10_samples']()]
         n_rows = len(store)
     model = model_to_device(build_gradnet(layout.block_sizes, n_classes,
-                                          seed=seed), device)
+                                          NetOptions(seed=seed)), device)
     optimizer = make_optimizer(model, 'sgd', 0.01)
     sync = synchronizer(device)
 

@@ -42,7 +42,7 @@ import gradnet_cupy
 from common import best_cpu_time, best_time, device_name, result_path
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F, L
-from gradnet_cupy.models import build_model, to_device
+from gradnet_cupy.models import build_model, model_to_device
 from gradnet_cupy.tangent import (
     iter_tangent_features, parameter_layout, tangent_features)
 
@@ -175,7 +175,7 @@ def torch_rows(kind, model, x, layout):
 
 
 def bench_model(kind, xp, batch, n_loop, repeats):
-    model = to_device(build_model(kind, IN_SHAPE, N_CLASSES, seed=0),
+    model = model_to_device(build_model(kind, IN_SHAPE, N_CLASSES, seed=0),
                       'cpu' if xp is np else 'gpu')
     x = xp.asarray(np.random.default_rng(0).standard_normal(
         (batch,) + IN_SHAPE).astype(np.float32))

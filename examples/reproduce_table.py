@@ -24,6 +24,8 @@ import os
 from gradnet_cupy import gradnet
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.extract import extract_to_store, model_provenance
+from gradnet_cupy.options import (
+    MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
 from gradnet_cupy.tangent import parameter_layout
 from gradnet_cupy.train_base import load_base, train_base
 
@@ -85,15 +87,14 @@ def main():
         accuracy = {}
         for normalize in args.normalize.split(','):
             model, normalizer, history = gradnet.fit_stores(
-                stores['gradnet'], stores['test'], normalize, 0.5,
-                dict(hidden=hidden, seed=args.seed),
-                dict(optimizer='sgd', lr=0.01, momentum=0.9,
-                     weight_decay=0.0, batch=25, epochs=args.gradnet_epochs,
-                     eval_every=0, seed=args.seed),
-                args.device, progress=True, metric_options=dict(
-                    partition=args.metric_partition,
-                    max_block=args.metric_max_block,
-                    damping=args.metric_damping))
+                stores['gradnet'], stores['test'],
+                NormalizeOptions(normalize, 0.5, MetricOptions(
+                    args.metric_partition, args.metric_max_block,
+                    args.metric_damping)),
+                NetOptions(hidden=hidden, seed=args.seed),
+                TrainOptions(epochs=args.gradnet_epochs, eval_every=0,
+                             seed=args.seed),
+                args.device, progress=True)
             gradnet.save_fit(
                 os.path.join(args.out, f'epoch{epoch}-gradnet-{normalize}'),
                 model, normalizer, history, vars(args))

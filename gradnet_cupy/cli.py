@@ -6,6 +6,7 @@ Every command takes the shared options of :func:`common_options`
 ``error: ...`` on stderr and exit status 1 (2 for usage errors), never a
 traceback. With ``--json`` a command prints exactly one JSON line on stdout.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -20,15 +21,22 @@ from gradnet_cupy.backend import DEVICES, resolve_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
-    CANDIDATE_MODES, SPLITS, extract_to_store, model_provenance, parse_shard)
-from gradnet_cupy.models import MODELS, build_model, to_device
-from gradnet_cupy.metric import PARTITIONS, feature_metric
+    SPLITS, extract_to_store, model_provenance, parse_shard)
+from gradnet_cupy.models import MODELS, build_model, model_to_device
+from gradnet_cupy.metric import PARTITIONS
+from gradnet_cupy.normalize import NORMALIZATIONS, normalizer_class
+from gradnet_cupy.options import (
+    MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
 from gradnet_cupy.store import (
     COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
-from gradnet_cupy.tangent import parameter_layout
+from gradnet_cupy.tangent import CANDIDATE_MODES, parameter_layout
 from gradnet_cupy.train_base import (
-    OPTIMIZERS, load_base, load_snapshot, train_base)
+    BASE_OPTIMIZERS, load_base, load_snapshot, train_base)
 
+
+# tangent's CANDIDATE_MODES in the order --candidates has always listed them
+CANDIDATE_CHOICES = sorted(CANDIDATE_MODES,
+                           key=('random', 'all', 'true').index)
 
 # click >= 8.2 raises this for a bare group call; older click exits itself.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, 'NoArgsIsHelpError', ())
@@ -141,7 +149,7 @@ def main():
 @click.option('--momentum', type=float, default=0.9, show_default=True,
               help='Momentum of --optimizer momentum.')
 @click.option('--weight-decay', type=float, default=0.0, show_default=True)
-@click.option('--optimizer', type=click.Choice(OPTIMIZERS),
+@click.option('--optimizer', type=click.Choice(BASE_OPTIMIZERS),
               default='momentum', show_default=True)
 @click.option('--stop-at-accuracy', type=float, default=None,
               help='Stop after the first epoch whose test accuracy reaches '
@@ -172,7 +180,7 @@ def load_base_model(snapshot, arch, data, device):
     on ``device``, and its default parameter layout."""
     model = load_snapshot(build_model(arch, data.in_shape, data.n_classes),
                           snapshot)
-    model = to_device(model, device)
+    model = model_to_device(model, device)
     return model, parameter_layout(model)
 
 
@@ -181,7 +189,7 @@ def load_base_model(snapshot, arch, data, device):
 @dataset_options
 @click.option('--split', type=click.Choice(SPLITS), default='gradnet',
               show_default=True)
-@click.option('--candidates', type=click.Choice(CANDIDATE_MODES),
+@click.option('--candidates', type=click.Choice(CANDIDATE_CHOICES),
               default='random', show_default=True,
               help='random: one uniform candidate per sample (training '
                    'data); all: one row per class (test data); true: the '
@@ -213,12 +221,12 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
     Re-running the same command after a crash resumes where the last
     complete batch ended; a store of a different extraction is refused.
     """
+    options = NormalizeOptions(normalize, metric=MetricOptions(
+        metric_partition, metric_max_block))
     data = load_dataset(dataset, data_dir, subset)
     model, layout = load_base_model(snapshot, arch, data, device)
-    metric = None
-    if normalize == 'metric':
-        metric = feature_metric(layout, metric_partition, metric_max_block,
-                                device)
+    metric = normalizer_class(normalize).extraction_accumulator(
+        layout, options, device)
     provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
                                   subset)
     summary = extract_to_store(
@@ -271,7 +279,7 @@ def parse_hidden(text):
 @click.option('--q', type=float, default=85.0, show_default=True,
               help='With --online.')
 @dataset_options
-@click.option('--normalize', type=click.Choice(gradnet.NORMALIZATIONS),
+@click.option('--normalize', type=click.Choice(NORMALIZATIONS),
               default='scale_power', show_default=True,
               help='metric: block-diagonal G^-1/2 whitening fitted on the '
                    'training features, re-sparsified at their q.')
@@ -291,7 +299,7 @@ def parse_hidden(text):
               default='diagonal', show_default=True)
 @click.option('--dropout', type=float, default=0.0, show_default=True)
 @click.option('--batchnorm', is_flag=True)
-@click.option('--optimizer', type=click.Choice(gradnet.OPTIMIZERS),
+@click.option('--optimizer', type=click.Choice(gradnet.GRADNET_OPTIMIZERS),
               default='sgd', show_default=True)
 @click.option('--lr', type=float, default=0.01, show_default=True)
 @click.option('--momentum', type=float, default=0.9, show_default=True)
@@ -312,23 +320,20 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
         eval_every, out, device, seed, as_json):
     """Train GradNet on tangent features and evaluate it (all candidates)."""
-    net_options = dict(hidden=parse_hidden(hidden), hidden_total=hidden_total,
-                       wiring=wiring, dropout=dropout, batchnorm=batchnorm,
-                       seed=seed)
-    train_options = dict(optimizer=optimizer, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, batch=batch,
-                         epochs=epochs, eval_every=eval_every, seed=seed)
-    metric_options = dict(partition=metric_partition,
-                          max_block=metric_max_block, damping=metric_damping)
+    net = NetOptions(parse_hidden(hidden), hidden_total, wiring, dropout,
+                     batchnorm, seed)
+    training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,
+                            epochs, eval_every, seed)
+    normalization = NormalizeOptions(normalize, power, MetricOptions(
+        metric_partition, metric_max_block, metric_damping))
     if online:
         if snapshot is None:
             raise GradnetError('--online needs --model SNAPSHOT')
         data = load_dataset(dataset, data_dir, subset)
         base, layout = load_base_model(snapshot, arch, data, device)
         model, normalizer, history = gradnet.fit_online(
-            base, layout, data, q, normalize, power, net_options,
-            train_options, device, progress=not as_json,
-            metric_options=metric_options)
+            base, layout, data, q, normalization, net, training, device,
+            progress=not as_json)
         source = {'online': True, 'model': snapshot, 'arch': arch,
                   'dataset': dataset, 'q': q}
     else:
@@ -336,13 +341,13 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
             raise GradnetError('fit needs --train and --test stores '
                                '(or --online --model SNAPSHOT)')
         model, normalizer, history = gradnet.fit_stores(
-            train_path, test_path, normalize, power, net_options,
-            train_options, device, progress=not as_json,
-            metric_options=metric_options)
+            train_path, test_path, normalization, net, training, device,
+            progress=not as_json)
         source = {'train': train_path, 'test': test_path}
-    settings = dict(source, normalize=normalize, power=power, **train_options)
-    if normalize == 'metric':
-        settings['metric'] = metric_options
+    settings = dict(source, normalize=normalize, power=power,
+                    **dataclasses.asdict(training),
+                    **normalizer_class(normalize).extra_settings(
+                        normalization))
     summary = gradnet.save_fit(out, model, normalizer, history, settings)
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
@@ -361,9 +366,9 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
 def evaluate(folder, test_path, device, seed, as_json):
     """Accuracy and confusion matrix of a saved GradNet on a test store."""
     model, normalizer, _ = gradnet.load_gradnet(folder, device)
-    model = to_device(model, device)
+    model = model_to_device(model, device)
     with TangentStore.open(test_path) as store:
-        accuracy, _, predicted, truth = gradnet.evaluate(
+        accuracy, _, predicted, truth = gradnet.evaluate_candidates(
             model, gradnet.store_test_batches(store, device), normalizer)
     n = model.n_classes
     confusion = np.zeros((n, n), dtype=np.int64)
@@ -414,10 +419,9 @@ def demo(base_epochs, epochs, out, device, seed, as_json):
                 candidates=candidates, seed=seed, device=device,
                 progress=progress, compression='lzf')
         model, normalizer, history = gradnet.fit_stores(
-            stores['gradnet'], stores['test'], 'scale_power', 0.5,
-            dict(seed=seed), dict(optimizer='sgd', lr=0.01, momentum=0.9,
-                                  weight_decay=0.0, batch=25, epochs=epochs,
-                                  eval_every=0, seed=seed),
+            stores['gradnet'], stores['test'], NormalizeOptions(),
+            NetOptions(seed=seed),
+            TrainOptions(epochs=epochs, eval_every=0, seed=seed),
             device, progress)
         if out:
             gradnet.save_fit(os.path.join(out, 'gradnet'), model, normalizer,

@@ -20,9 +20,8 @@ from gradnet_cupy.kernels import percentile_sparsify
 from gradnet_cupy.kernels.csr import vstack
 from gradnet_cupy.metric import save_store_metric
 from gradnet_cupy.store import DEFAULT_COMPRESSION, TangentStore, file_sha256
-from gradnet_cupy.tangent import iter_tangent_features
+from gradnet_cupy.tangent import CANDIDATE_MODES, iter_tangent_features
 
-CANDIDATE_MODES = ('random', 'all', 'true')
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
 
@@ -117,7 +116,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     model checksum, ...); a store at ``out`` from a different extraction is
     refused. ``compression``: the store's ('gzip', 'lzf' or 'none').
     ``metric``: an empty :class:`~gradnet_cupy.metric.BlockMetric` on
-    ``device`` (:func:`~gradnet_cupy.metric.feature_metric`) that
+    ``device`` (the ``extraction_accumulator`` of
+    :class:`~gradnet_cupy.normalize.MetricNormalizer`) that
     accumulates every row of the store as its batches are extracted (a
     resumed run first reads back the rows committed before), saved to
     :func:`~gradnet_cupy.metric.store_metric_path` once the store is final.

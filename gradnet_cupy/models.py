@@ -165,7 +165,7 @@ def get_link(model, path):
     return link
 
 
-def to_device(model, device):
+def model_to_device(model, device):
     """Move ``model`` to 'cpu' or 'gpu' (CuPy device 0) in place; return it.
 
     Raises :class:`GradnetError` when Chainer cannot use CuPy (CuPy or one

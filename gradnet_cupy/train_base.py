@@ -27,9 +27,9 @@ from tqdm import tqdm
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.models import build_model, to_device
+from gradnet_cupy.models import build_model, model_to_device
 
-OPTIMIZERS = ('sgd', 'momentum')
+BASE_OPTIMIZERS = ('sgd', 'momentum')
 CONFIG_FILE = 'base.json'
 SNAPSHOTS_FILE = 'snapshots.json'
 EVAL_BATCH = 500
@@ -60,8 +60,8 @@ def train_base(dataset, model_name, out, epochs=10, batch=32, lr=0.01,
     _check_settings(epochs, batch, lr, momentum, weight_decay, optimizer,
                     stop_at_accuracy)
     _prepare_out(out, overwrite)
-    model = to_device(build_model(model_name, dataset.in_shape,
-                                  dataset.n_classes, seed), device)
+    model = model_to_device(build_model(model_name, dataset.in_shape,
+                                        dataset.n_classes, seed), device)
     opt = (chainer.optimizers.SGD(lr=lr) if optimizer == 'sgd' else
            chainer.optimizers.MomentumSGD(lr=lr, momentum=momentum))
     opt.setup(model)
@@ -106,8 +106,9 @@ def _check_settings(epochs, batch, lr, momentum, weight_decay, optimizer,
         (lr > 0, f'lr must be > 0, got {lr}'),
         (0 <= momentum < 1, f'momentum must be in [0, 1), got {momentum}'),
         (weight_decay >= 0, f'weight decay must be >= 0, got {weight_decay}'),
-        (optimizer in OPTIMIZERS, f'unknown optimizer {optimizer!r}: choose '
-                                  f"one of {', '.join(OPTIMIZERS)}"),
+        (optimizer in BASE_OPTIMIZERS,
+         f'unknown optimizer {optimizer!r}: choose one of '
+         f"{', '.join(BASE_OPTIMIZERS)}"),
         (stop_at_accuracy is None or 0 < stop_at_accuracy <= 1,
          f'stop-at-accuracy must be in (0, 1], got {stop_at_accuracy}'),
     ]
@@ -273,4 +274,4 @@ def load_base(out, epoch=None, device='cpu'):
     model = build_model(config['model'], config['in_shape'],
                         config['n_classes'], config['seed'])
     load_snapshot(model, record['path'])
-    return to_device(model, device), config, record
+    return model_to_device(model, device), config, record

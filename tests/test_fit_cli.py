@@ -8,8 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from gradnet_cupy.cli import main
-from gradnet_cupy.gradnet import evaluate, load_gradnet, store_test_batches
-from gradnet_cupy.metric import MetricNormalizer
+from gradnet_cupy.gradnet import (evaluate_candidates, load_gradnet,
+                                  store_test_batches)
+from gradnet_cupy.normalize import MetricNormalizer, TrainingFeatures
+from gradnet_cupy.options import MetricOptions, NormalizeOptions
 from gradnet_cupy.store import TangentStore
 from gradnet_cupy.tangent import ParameterLayout
 
@@ -59,7 +61,7 @@ def test_fit_saves_model_metrics_and_curve(stores, tmp_path):
     model, normalizer, _ = load_gradnet(str(out))
     with TangentStore.open(test) as store:
         batches = list(store_test_batches(store, 'cpu'))
-    accuracy, *_ = evaluate(model, batches, normalizer)
+    accuracy, *_ = evaluate_candidates(model, batches, normalizer)
     assert accuracy == pytest.approx(summary['test_accuracy'])
 
 
@@ -172,7 +174,7 @@ def test_fit_uses_the_metric_extract_accumulated(base, stores, tmp_path,
         raise AssertionError('fit made its own pass over the store')
 
     with monkeypatch.context() as patch:
-        patch.setattr(MetricNormalizer, 'fit', no_pass)
+        patch.setattr(MetricNormalizer, 'accumulate', no_pass)
         run(*fit_args, '--metric-max-block', 16, '--out', tmp_path / 'a')
     with pytest.warns(UserWarning, match='other blocks'):
         run(*fit_args, '--metric-max-block', 8, '--out', tmp_path / 'b')
@@ -180,8 +182,10 @@ def test_fit_uses_the_metric_extract_accumulated(base, stores, tmp_path,
     with TangentStore.open(train) as store:
         layout = ParameterLayout.from_dict(store.layout)
         one_pass = MetricNormalizer.fit(
-            (b.csr for b in store.iter_batches(100)), layout,
-            store.provenance['q'], max_block=16).metric
+            TrainingFeatures(layout, store.provenance['q'],
+                             lambda: (b.csr for b in store.iter_batches(100))),
+            NormalizeOptions('metric', metric=MetricOptions(max_block=16))
+        ).metric
     assert stored.blocks == one_pass.blocks
     assert stored.weight_sum == one_pass.weight_sum == SUBSET
     np.testing.assert_allclose(stored.G, one_pass.G, rtol=1e-9)

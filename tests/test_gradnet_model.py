@@ -164,7 +164,8 @@ def rows_of(csr, index):
 
 
 def test_gradnet_learns_a_synthetic_problem(rng):
-    from gradnet_cupy.gradnet import evaluate, make_optimizer, train_step
+    from gradnet_cupy.gradnet import (evaluate_candidates, make_optimizer,
+                                      train_step)
     features, sample, cand, target = synthetic_candidates(rng, 400)
     train_rows = np.flatnonzero(sample < 300)
     test_rows = np.flatnonzero(sample >= 300)
@@ -176,13 +177,13 @@ def test_gradnet_learns_a_synthetic_problem(rng):
     optimizer = make_optimizer(model, 'sgd', lr=0.05)
     # random candidate per sample, like the paper's training data
     pick = np.flatnonzero(train_cand == rng.integers(0, 3, size=train_cand.size))
-    before, *_ = evaluate(model, [(test, test_sample, test_y)])
+    before, *_ = evaluate_candidates(model, [(test, test_sample, test_y)])
     for epoch in range(30):
         order = rng.permutation(pick)
         for start in range(0, order.size, 25):
             idx = order[start:start + 25]
             train_step(model, optimizer, rows_of(train, idx), train_y[idx])
-    accuracy, samples, predicted, truth = evaluate(
+    accuracy, samples, predicted, truth = evaluate_candidates(
         model, [(test, test_sample, test_y)])
     assert samples.tolist() == list(range(300, 400))
     assert accuracy == pytest.approx(np.mean(predicted == truth))

@@ -10,7 +10,8 @@ from block_outer_cases import csr_from_dense, random_csr
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.gradnet import (GradNet, candidate_outputs, load_gradnet,
                                   save_gradnet)
-from gradnet_cupy.metric import MetricNormalizer
+from gradnet_cupy.normalize import MetricNormalizer, TrainingFeatures
+from gradnet_cupy.options import MetricOptions, NormalizeOptions
 from gradnet_cupy.tangent import ParameterLayout
 
 # a conv (4 filters of 3 x 2 x 2) with its bias, then a Linear (5 x 8) with
@@ -69,9 +70,10 @@ def training_rows(rng):
 
 def fitted(rng):
     train, batches = training_rows(rng)
-    normalizer = MetricNormalizer.fit(iter(batches), LAYOUT, Q,
-                                      partition='per_unit', max_block=5,
-                                      damping=DAMPING)
+    normalizer = MetricNormalizer.fit(
+        TrainingFeatures(LAYOUT, Q, lambda: iter(batches)),
+        NormalizeOptions('metric', metric=MetricOptions(
+            partition='per_unit', max_block=5, damping=DAMPING)))
     return train, normalizer
 
 
@@ -90,10 +92,14 @@ def test_metric_normalizer_matches_dense_oracle(rng):
 def test_metric_normalizer_refuses_missing_q_and_memory(rng):
     _, batches = training_rows(rng)
     with pytest.raises(GradnetError, match='percentile q'):
-        MetricNormalizer.fit(iter(batches), LAYOUT, None)
+        MetricNormalizer.fit(TrainingFeatures(LAYOUT, None,
+                                              lambda: iter(batches)),
+                             NormalizeOptions('metric'))
     with pytest.raises(GradnetError, match='needs .* max_bytes'):
-        MetricNormalizer.fit(iter(batches), LAYOUT, Q, 'per_layer',
-                             max_block=0, max_bytes=1000)
+        MetricNormalizer.fit(
+            TrainingFeatures(LAYOUT, Q, lambda: iter(batches)),
+            NormalizeOptions('metric', metric=MetricOptions(
+                'per_layer', max_block=0, max_bytes=1000)))
 
 
 def test_metric_normalizer_round_trips_with_gradnet(rng, tmp_path):

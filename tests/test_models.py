@@ -6,7 +6,8 @@ import pytest
 
 from gradnet_cupy.chainer_compat import chainer, L
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.models import MODELS, build_model, get_link, to_device
+from gradnet_cupy.models import (MODELS, build_model, get_link,
+                                 model_to_device)
 
 
 def conv_size(n, k, pad):
@@ -128,6 +129,6 @@ def test_to_device_without_chainer_cuda_is_a_clear_error(monkeypatch):
     model = build_model('mlp', (1, 28, 28), 10)
     monkeypatch.setattr(chainer.backends.cuda, 'available', False)
     with pytest.raises(GradnetError, match='Chainer cannot use CuPy'):
-        to_device(model, 'gpu')
-    assert to_device(model, 'cpu') is model
+        model_to_device(model, 'gpu')
+    assert model_to_device(model, 'cpu') is model
     assert isinstance(model.fc1.W.array, np.ndarray)

@@ -1,13 +1,15 @@
-"""Normalizations of sparse tangent features (DESIGN §1.4).
+"""Column-wise normalizations of sparse tangent features (DESIGN §1.4).
 
-Every normalizer acts on the stored nonzeros of a CSR batch only (the
+One representation of the :class:`~gradnet_cupy.normalize.protocol.Normalizer`
+protocol (its sibling: :mod:`gradnet_cupy.normalize.metric`). Every
+normalizer here acts on the stored nonzeros of a CSR batch only (the
 statistics are *masked*: computed over the nonzeros of each column) and is
 fitted on training statistics alone: per-column ``count``, ``min``, ``max``,
 ``sum`` and ``sumsq`` of the nonzero values (float64 arrays of length
 n_columns), as accumulated by :class:`ColumnStats` or stored by the tangent
 store.
 
-Methods:
+Methods (:data:`COLUMN_METHODS`):
     ``none``         identity.
     ``scale``        ``(t - min) / range`` per column, range 0 -> 1.
     ``standard``     ``(t - mean) / std`` per column, std 0 -> 1.
@@ -23,8 +25,10 @@ import numpy as np
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import CSR
+from gradnet_cupy.normalize.protocol import Normalizer
 
-METHODS = ('none', 'scale', 'standard', 'standard_l2', 'power', 'scale_power')
+COLUMN_METHODS = ('none', 'scale', 'standard', 'standard_l2', 'power',
+                  'scale_power')
 STAT_FIELDS = ('count', 'min', 'max', 'sum', 'sumsq')
 
 
@@ -64,13 +68,15 @@ class ColumnStats:
         return {name: getattr(self, name) for name in STAT_FIELDS}
 
 
-class Normalizer:
-    """A fitted normalization: ``normalizer(csr) -> CSR`` (same structure,
-    new float32 data, same array module as the input).
+class ColumnNormalizer(Normalizer):
+    """A fitted column-wise normalization: ``normalizer(csr) -> CSR`` (same
+    structure, new float32 data, same array module as the input).
 
-    Build it with :meth:`fit`; :meth:`state` / :meth:`from_state` give a flat
-    dict of NumPy arrays for saving beside a GradNet model.
+    ``offset``, ``divisor``: float32 (n_columns,); ``power``: the exponent
+    of ``power``/``scale_power``; ``block_sizes``: int64, the layout's
+    per-layer column counts (used by ``standard_l2``).
     """
+    methods = COLUMN_METHODS
 
     def __init__(self, method, offset, divisor, power, block_sizes):
         self.method = method
@@ -80,17 +86,28 @@ class Normalizer:
         self.block_sizes = np.asarray(block_sizes, dtype=np.int64)
 
     @classmethod
-    def fit(cls, method, stats, block_sizes, power=0.5):
-        """Fit ``method`` from training ``stats`` (dict of STAT_FIELDS arrays).
+    def fit(cls, features, options):
+        """Fitted on ``features.stats``, or on the statistics of one pass
+        over ``features.batches()`` when the features do not come with
+        them."""
+        stats = features.stats
+        if stats is None:
+            column_stats = ColumnStats(features.layout.n_params)
+            for csr in features.batches():
+                column_stats.add(csr)
+            stats = column_stats.as_dict()
+        return cls.from_stats(stats, features.layout.block_sizes, options)
 
-        ``block_sizes``: the parameter layout's per-layer column counts
-        (used by ``standard_l2``). ``power``: the exponent of ``power``.
-        """
-        if method not in METHODS:
-            raise GradnetError(f"unknown normalization {method!r}: choose "
-                               f"one of {', '.join(METHODS)}")
-        if not np.isfinite(power) or power <= 0:
-            raise GradnetError(f'power exponent must be > 0, got {power}')
+    @classmethod
+    def from_stats(cls, stats, block_sizes, options):
+        """Fit ``options.method`` from training ``stats`` (dict of
+        STAT_FIELDS arrays); ``block_sizes``: the parameter layout's
+        per-layer column counts; ``options.power``: the exponent of
+        ``power``."""
+        method, power = options.method, options.power
+        if method not in COLUMN_METHODS:
+            raise GradnetError(f"{method!r} is not a column normalization: "
+                               f"choose one of {', '.join(COLUMN_METHODS)}")
         missing = [f for f in STAT_FIELDS if f not in stats]
         if missing:
             raise GradnetError(f'column statistics lack {", ".join(missing)}')
@@ -155,7 +172,9 @@ class Normalizer:
                 'block_sizes': self.block_sizes}
 
     @classmethod
-    def from_state(cls, state):
+    def load(cls, folder, state, device='cpu'):
+        """From :meth:`state` alone (no files of its own; the arrays stay
+        on the host and move to each batch's device when applied)."""
         return cls(str(state['method']), np.asarray(state['offset']),
                    np.asarray(state['divisor']), float(state['power']),
                    np.asarray(state['block_sizes']))

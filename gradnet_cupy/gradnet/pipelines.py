@@ -1,0 +1,89 @@
+"""The two ways ``gradnet-cupy fit`` trains a GradNet, and saving the fit.
+
+:func:`fit_stores` trains on a training store and evaluates on a test store;
+:func:`fit_online` is Algorithm 1 (tangents extracted per batch, no store).
+Both fit the normalizer on training features only
+(:func:`gradnet_cupy.normalize.fit_normalizer`), build the model
+(:mod:`.model`), feed it from :mod:`.sources` and train it with
+:mod:`.training`; options are the typed ones of :mod:`gradnet_cupy.options`.
+:func:`save_fit` writes the result with :mod:`.persist` and :mod:`.plots`.
+"""
+import os
+
+from gradnet_cupy.gradnet.model import build_gradnet
+from gradnet_cupy.gradnet.persist import save_gradnet
+from gradnet_cupy.gradnet.plots import save_learning_curve
+from gradnet_cupy.gradnet.sources import (
+    online_batches, online_evaluator, online_training_features,
+    store_batches, store_classes, store_evaluator, store_training_features)
+from gradnet_cupy.gradnet.training import make_optimizer, train
+from gradnet_cupy.models import model_to_device
+from gradnet_cupy.normalize import fit_normalizer
+from gradnet_cupy.store import TangentStore
+
+
+def fit_stores(train_path, test_path, normalize, net, training, device,
+               progress):
+    """GradNet trained on a training store, evaluated on a test store:
+    ``(model, normalizer, history)``.
+
+    ``normalize``, ``net``, ``training``: a
+    :class:`~gradnet_cupy.options.NormalizeOptions`, ``NetOptions`` and
+    ``TrainOptions``. The normalizer is fitted on the training store (its
+    column statistics, its ``q``, and whatever its method keeps beside it,
+    e.g. the sums of ``extract --normalize metric``).
+    """
+    with TangentStore.open(train_path) as train_store, \
+            TangentStore.open(test_path) as test_store:
+        features = store_training_features(train_store, device)
+        normalizer = fit_normalizer(features, normalize)
+        model = build_gradnet(features.layout.block_sizes,
+                              store_classes(train_store), net)
+        history = _train(
+            model, device, training,
+            store_batches(train_store, normalizer, training.batch,
+                          training.seed, device),
+            store_evaluator(model, test_store, normalizer, device),
+            progress)
+    return model, normalizer, history
+
+
+def fit_online(base, layout, data, q, normalize, net, training, device,
+               progress):
+    """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
+    history)``. The normalizer is fitted on one pass over the gradnet
+    split's tangents (:func:`~.sources.online_training_features`); options
+    as in :func:`fit_stores`."""
+    seed = training.seed
+    normalizer = fit_normalizer(
+        online_training_features(base, layout, data, q, seed, device),
+        normalize)
+    model = build_gradnet(layout.block_sizes, data.n_classes, net)
+    history = _train(
+        model, device, training,
+        online_batches(base, layout, data, q, normalizer, training.batch,
+                       seed, device),
+        online_evaluator(model, base, layout, data, q, normalizer, device),
+        progress)
+    return model, normalizer, history
+
+
+def _train(model, device, training, epoch_batches, evaluate_test, progress):
+    model_to_device(model, device)
+    optimizer = make_optimizer(model, training.optimizer, training.lr,
+                               training.momentum, training.weight_decay)
+    return train(model, optimizer, training.epochs, epoch_batches,
+                 evaluate_test, training.eval_every, progress)
+
+
+def save_fit(out, model, normalizer, history, settings):
+    """Save a fitted GradNet, its history and learning curve into ``out``;
+    returns the summary dict."""
+    summary = {'test_accuracy': history[-1]['test_accuracy'],
+               'hidden_sizes': model.hidden_sizes, 'out': out}
+    model.to_cpu()
+    save_gradnet(out, model, normalizer,
+                 {'settings': settings, 'history': history,
+                  'summary': summary})
+    save_learning_curve(history, os.path.join(out, 'learning_curve.png'))
+    return summary

@@ -1,0 +1,119 @@
+"""Where GradNet's batches come from: a tangent store, or tangents extracted
+on the fly (Algorithm 1).
+
+For training: ``epoch -> iterator of (normalized csr, target)``
+(:func:`store_batches`, :func:`online_batches`); for the normalizer's fit:
+the training features as a
+:class:`~gradnet_cupy.normalize.TrainingFeatures`
+(:func:`store_training_features`, :func:`online_training_features`); for
+evaluation: ``() -> accuracy`` (:func:`store_evaluator`,
+:func:`online_evaluator`). Neighbours: :mod:`.training` (consumes them),
+:mod:`.pipelines` (wires them), :mod:`gradnet_cupy.store` and
+:mod:`gradnet_cupy.extract` (what they read).
+"""
+import numpy as np
+
+from gradnet_cupy.backend import to_device
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
+from gradnet_cupy.gradnet.training import evaluate_candidates
+from gradnet_cupy.normalize import TrainingFeatures
+from gradnet_cupy.tangent import ParameterLayout
+
+STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
+
+
+def store_test_batches(test_store, device, batch=100):
+    """``(csr, sample, target)`` batches of a test store: a float32 CSR
+    (rows x n_columns) on ``device`` and the host int64 sample id and int
+    true label of each row (rows,), all candidate rows of each sample read
+    together (for :func:`~.training.evaluate_candidates`)."""
+    for b in test_store.iter_batches(batch, group_by_sample=True):
+        yield b.csr.to_device(device), b.sample, b.target
+
+
+def store_evaluator(model, test_store, normalizer, device):
+    """``() -> accuracy`` of ``model`` on a test store."""
+    def evaluate_test():
+        return evaluate_candidates(
+            model, store_test_batches(test_store, device), normalizer)[0]
+    return evaluate_test
+
+
+def store_batches(store, normalizer, batch, seed, device):
+    """``epoch -> iterator of (normalized csr, target)`` over a training
+    store, shuffled per epoch from ``seed``: float32 CSR (``batch`` rows x
+    n_columns) and int32 (rows,) labels, both on ``device``."""
+    def epoch_batches(epoch):
+        for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch):
+            yield (normalizer(b.csr.to_device(device)),
+                   to_device(b.target.astype(np.int32), device))
+    return epoch_batches
+
+
+def store_classes(store):
+    """The number of classes recorded in a store's provenance."""
+    try:
+        return int(store.provenance['n_classes'])
+    except KeyError:
+        raise GradnetError(f'{store.path}: the store does not record '
+                           'n_classes (extract it again)') from None
+
+
+def online_batches(base, layout, data, q, normalizer, batch, seed, device):
+    """Algorithm 1 of the paper without a store: ``epoch -> iterator of
+    (normalized csr, target)``, each batch of the gradnet split freshly
+    augmented (the dataset's train transform), given new random candidates,
+    extracted and sparsified."""
+    x, y = data.gradnet
+
+    def epoch_batches(epoch):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(x))
+        candidates = rng.integers(0, data.n_classes, size=len(x))
+        for csr, _, _, target in iter_sparse_tangents(
+                base, x[order], y[order], candidates.astype(np.int32), q,
+                layout, device, lambda v: data.train_transform(v, rng),
+                batch):
+            yield normalizer(csr), target
+    return epoch_batches
+
+
+def store_training_features(store, device):
+    """The :class:`~gradnet_cupy.normalize.TrainingFeatures` of an open
+    training store: its rows read in batches onto ``device``, with the
+    column statistics and ``q`` it records."""
+    return TrainingFeatures(
+        ParameterLayout.from_dict(store.layout), store.provenance.get('q'),
+        lambda: (b.csr.to_device(device)
+                 for b in store.iter_batches(STATS_READ_BATCH)),
+        device, store.column_stats(), store)
+
+
+def online_training_features(base, layout, data, q, seed, device, batch=64):
+    """The :class:`~gradnet_cupy.normalize.TrainingFeatures` the online
+    trainer's normalizer is fitted on: the gradnet split's sparse tangents
+    (random candidates from ``seed``, eval transform) on ``device``."""
+    x, y = data.gradnet
+    candidates = candidate_plan('random', y, data.n_classes, seed)
+
+    def batches():
+        for csr, *_ in iter_sparse_tangents(base, x, y, candidates, q, layout,
+                                            device, data.eval_transform,
+                                            batch):
+            yield csr
+    return TrainingFeatures(layout, q, batches, device)
+
+
+def online_evaluator(model, base, layout, data, q, normalizer, device,
+                     batch=64):
+    """``() -> accuracy`` on the test split, its tangents (all candidates)
+    extracted on the fly."""
+    x, y = data.test
+
+    def evaluate_test():
+        batches = ((csr, sample, target) for csr, sample, _, target in
+                   iter_sparse_tangents(base, x, y, None, q, layout, device,
+                                        data.eval_transform, batch))
+        return evaluate_candidates(model, batches, normalizer)[0]
+    return evaluate_test
