@@ -68,7 +68,7 @@ from gradnet_cupy.kernels import percentile_sparsify
 from gradnet_cupy.models import model_to_device
 from gradnet_cupy.normalize import ColumnNormalizer
 from gradnet_cupy.options import NetOptions, NormalizeOptions
-from gradnet_cupy.store import TangentStore
+from gradnet_cupy.store import StoreWriter, TangentStore
 from gradnet_cupy.tangent import parameter_layout, tangent_features
 from gradnet_cupy.train_base import load_base, train_base
 
@@ -165,7 +165,7 @@ def measure_store(batches, layout, compression, chunk, repeat, path):
     def append():
         for leftover in (path, path.with_name(path.name + '.partial')):
             leftover.unlink(missing_ok=True)
-        writer = TangentStore.create(
+        writer = StoreWriter.create(
             path, n_columns, layout.to_dict(), {'bench': True},
             total_rows=n_rows, compression=compression,
             chunk_elements=chunk)

@@ -17,9 +17,11 @@ from tqdm import tqdm
 from gradnet_cupy.backend import get_array_module, to_device
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import percentile_sparsify
+from gradnet_cupy.kernels.sparsify import check_q
 from gradnet_cupy.kernels.csr import vstack
 from gradnet_cupy.metric import save_store_metric
-from gradnet_cupy.store import DEFAULT_COMPRESSION, TangentStore, file_sha256
+from gradnet_cupy.store import (DEFAULT_COMPRESSION, StoreWriter, TangentStore,
+                                file_sha256)
 from gradnet_cupy.tangent import CANDIDATE_MODES, iter_tangent_features
 
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
@@ -123,8 +125,7 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     :func:`~gradnet_cupy.metric.store_metric_path` once the store is final.
     Returns a summary dict (rows, nnz, path, ..., ``metric``: its path).
     """
-    if not 0 < q < 100:
-        raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
+    check_q(q)
     x, y = split_data
     start, stop = shard_range(len(x), shard, batch)
     rows_per_sample = n_classes if candidates == 'all' else 1
@@ -132,7 +133,7 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     provenance = dict(provenance, q=float(q), n_classes=int(n_classes),
                       candidates=candidates, seed=int(seed),
                       shard=list(shard))
-    writer = TangentStore.create_or_resume(
+    writer = StoreWriter.create_or_resume(
         out, layout.n_params, layout.to_dict(), provenance,
         total_rows=(stop - start) * rows_per_sample, compression=compression)
     done_rows = writer.n_rows

@@ -90,10 +90,12 @@ def check_q(q):
     ``0 < q < 100`` (a sparsification percentile); GradnetError otherwise.
     The one check of ``q`` for every stage that takes one."""
     if isinstance(q, (bool, np.bool_)) or not isinstance(q, numbers.Real):
-        raise GradnetError(f'q must be a number in (0, 100), got {q!r}')
+        raise GradnetError(f'the sparsification percentile q must be a '
+                           f'number in (0, 100), got {q!r}')
     q = float(q)
     if not 0.0 < q < 100.0:
-        raise GradnetError(f'q must lie strictly between 0 and 100, got {q}')
+        raise GradnetError(f'the sparsification percentile q must lie '
+                           f'strictly between 0 and 100, got {q}')
     return q
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from gradnet_cupy.chainer_compat import chainer, F
+from gradnet_cupy.chainer_compat import F
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.gradnet import (
     GradNet, column_ranges, predict_from_candidates,

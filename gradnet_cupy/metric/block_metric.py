@@ -24,7 +24,7 @@ from gradnet_cupy.backend import (array_module, get_array_module,
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import (CSR, block_outer_accumulate,
                                   percentile_sparsify)
-from gradnet_cupy.kernels.block_outer import check_csr
+from gradnet_cupy.kernels.csr import check_csr
 from gradnet_cupy.kernels.csr import vstack
 from gradnet_cupy.metric import file
 from gradnet_cupy.metric.partition import (

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels.sparsify import check_q
 from gradnet_cupy.metric import BlockMetric, feature_metric, load_store_metric
 from gradnet_cupy.normalize.protocol import Normalizer
 
@@ -49,7 +49,7 @@ class MetricNormalizer(Normalizer):
         blocks of ``options.metric`` (partition, max_block: None or 0 is no
         cap, max_bytes).
         """
-        _check_q(features.q)
+        check_q(features.q)
         metric = cls.stored_sums(features, options.metric)
         if metric is None:
             metric = cls.accumulate(features, options.metric)
@@ -87,7 +87,7 @@ class MetricNormalizer(Normalizer):
     def from_accumulated(cls, metric, q, damping=1e-3):
         """The normalizer of a :class:`BlockMetric` that holds the training
         rows' sums, finalized here with relative ``damping``."""
-        _check_q(q)
+        check_q(q)
         return cls(metric.finalize(damping, relative=True), q)
 
     def __call__(self, csr):
@@ -134,9 +134,3 @@ def _empty_metric(layout, metric_options, device):
                           metric_options.max_block, device,
                           metric_options.max_bytes)
 
-
-def _check_q(q):
-    if q is None or not 0 < q < 100:
-        raise GradnetError(
-            f'the metric needs the features\' sparsification percentile q '
-            f'in (0, 100), got {q} (a store records it when extracted)')

@@ -38,7 +38,7 @@ import numpy as np
 
 from gradnet_cupy.backend import to_numpy
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.kernels.block_outer import check_csr
+from gradnet_cupy.kernels.csr import check_csr
 from gradnet_cupy.store.format import (
     DEFAULT_CHUNK_ELEMENTS, DEFAULT_COMPRESSION, TMP_SUFFIX, _Block,
     _check_same_extraction, _checked_record_arrays, _incomplete_message,

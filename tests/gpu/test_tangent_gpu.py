@@ -10,7 +10,7 @@ import pytest
 
 from gradnet_cupy.backend import to_numpy
 from gradnet_cupy.chainer_compat import chainer, F, L
-from gradnet_cupy.models import build_model, to_device
+from gradnet_cupy.models import build_model, model_to_device
 from gradnet_cupy.tangent import (
     logit_jacobian, parameter_layout, tangent_features)
 
@@ -37,7 +37,7 @@ class Zoo(chainer.Chain):
 
 def both(model, x):
     """(CPU model, x) and a GPU copy of both."""
-    gpu = to_device(copy.deepcopy(model), 'gpu')
+    gpu = model_to_device(copy.deepcopy(model), 'gpu')
     import cupy
     return (model, x), (gpu, cupy.asarray(x))
 
