@@ -53,7 +53,11 @@ step python 30 python3 -c 'import sys, numpy, cupy; print(sys.version); print("n
     exit 2; }
 
 VENV=${GPU_CHECK_VENV:-/tmp/gradnet-gpu-check-venv}
-if step venv 120 python3 -m venv --system-site-packages "$VENV"; then
+if python3 -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+    # python3 is a virtual environment already (CuPy lives in it): use it
+    PY=python3
+    PIP=("$PY" -m pip install -q --no-index --find-links "$WHEELS")
+elif step venv 120 python3 -m venv --system-site-packages "$VENV"; then
     PY="$VENV/bin/python"
     PIP=("$PY" -m pip install -q --no-index --find-links "$WHEELS")
 else    # no venv module: a throwaway machine's own Python takes the wheels
