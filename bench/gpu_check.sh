@@ -73,7 +73,7 @@ step install-deps 300 "${PIP[@]}" chainer==7.8.1 scipy h5py "click>=8" tqdm \
     threadpoolctl pytest hypothesis || exit 2
 step install 120 "${PIP[@]}" --no-build-isolation --use-pep517 --no-deps -e . \
     || exit 2
-step import 60 "$PY" -c 'import chainer.backends.cuda as c; import gradnet_cupy.chainer_compat, gradnet_cupy.kernels; from gradnet_cupy.backend import gpu_available; print("chainer cuda available", c.available, "gpu_available", gpu_available())'
+step import 60 "$PY" -c 'import gradnet_cupy.chainer_compat, gradnet_cupy.kernels; import chainer.backends.cuda as c; from gradnet_cupy.backend import gpu_available; print("chainer cuda available", c.available, "gpu_available", gpu_available())'
 
 # every test that runs CuPy: tests/gpu and the cupy tier of the kernel tests
 step pytest 300 "$PY" -m pytest -q -p no:cacheprovider -rs \
