@@ -59,6 +59,9 @@ class Target:
         is already in the set (no direction)."""
         d = (self.project(w) - w).astype(np.float64)
         norm = float(d @ d) ** 0.5
+        if not np.isfinite(norm):
+            raise GradnetError('the weights (or the target) are not finite: '
+                               'no direction toward the target')
         if norm == 0:
             raise GradnetError(f'the network already lies in the target set '
                                f'({self.describe()}): nothing to walk')

@@ -67,7 +67,8 @@ DIVERGENCES = ('kl', 'l2')
 DEFAULT_THRESHOLD = 0.01    # 003: distance to the sparse set at which to stop
 CHECKPOINT_FORMAT = 'gradnet-cupy geodesic walk'
 # settings that may change between a run and its resumption
-_RESUMABLE = ('max_steps', 'eval_every', 'checkpoint_every')
+_RESUMABLE = ('max_steps', 'eval_every', 'checkpoint_every',
+              'project_at_end')
 
 
 @dataclasses.dataclass(frozen=True)
