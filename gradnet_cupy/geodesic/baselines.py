@@ -103,16 +103,24 @@ def finetune(model, x, y, passes, *, layout=None, mask=None, batch=32,
 
 
 def prune_finetune(model, layout, target, x, y, passes, *, rounds=5,
-                   evaluate=None, progress=False, **train):
+                   evaluate=None, progress=False, first_round=1, history=None,
+                   after_round=None, **train):
     """Iterative pruning with fine-tuning (module docstring): ``rounds``
     prune + fine-tune cycles sharing ``passes`` passes over ``(x, y)``;
-    ``train``: :func:`finetune`'s ``batch``, ``lr``, ``momentum``, ``seed``.
+    ``train``: :func:`finetune`'s ``batch``, ``lr``, ``momentum``, ``seed``
+    (round ``r`` shuffles with ``seed + r``).
+
     Each round records one entry after pruning and one after fine-tuning
-    (``round``, ``sparsity``, ``passes``, metrics)."""
+    (``round``, ``sparsity``, ``passes``, metrics). Resuming: start at
+    ``first_round`` with the ``history`` of the rounds before (the model
+    holding the weights after them); ``after_round(r, history)`` is called
+    after every round (e.g. to write a checkpoint). Returns the history.
+    """
     if not (isinstance(rounds, int) and rounds >= 1):
         raise GradnetError(f'rounds must be an integer >= 1, got {rounds}')
-    history, spent = [], 0.0
-    for r in range(1, rounds + 1):
+    history = list(history or [])
+    for r in range(first_round, rounds + 1):
+        spent = passes * (r - 1) / rounds
         stage = target.scaled(r / rounds)
         w = stage.project(get_weights(model, layout))
         set_weights(model, layout, w)
@@ -123,9 +131,10 @@ def prune_finetune(model, layout, target, x, y, passes, *, rounds=5,
                         mask=mask, evaluate=evaluate, eval_points=1,
                         start_passes=spent, progress=progress,
                         **{**train, 'seed': train.get('seed', 0) + r})
-        spent += passes / rounds
         w = get_weights(model, layout)
         history.append({**part[-1], 'round': r, 'sparsity': sparsity(w)})
+        if after_round is not None:
+            after_round(r, history)
     return history
 
 
