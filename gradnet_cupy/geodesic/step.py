@@ -157,10 +157,11 @@ def _check_inputs(J, v, beta, eps):
     return xp
 
 
-def _positive(lam):
-    """Mask of eigenvalues above rounding noise (relative to the largest)."""
+def _positive(lam, dtype=np.float64):
+    """Mask of eigenvalues above rounding noise (relative to the largest)
+    of a Gram matrix formed in ``dtype``."""
     top = float(lam.max()) if lam.size else 0.0
-    return lam > max(top, 0.0) * lam.size * np.finfo(np.float64).eps * 16
+    return lam > max(top, 0.0) * lam.size * np.finfo(dtype).eps * 16
 
 
 def exact_step(J, v, beta=DEFAULT_BETA, eps=DEFAULT_EPS):
@@ -168,28 +169,35 @@ def exact_step(J, v, beta=DEFAULT_BETA, eps=DEFAULT_EPS):
     Gram matrix ``J J^T``.
 
     ``J``: float32/float64 (m, n); ``v``: (n,) (any norm; 003 uses a unit
-    vector). Cost: O(m^2 n) for ``J J^T`` plus O(m^3) for its ``eigh``;
-    memory O(m^2 + n). Returns a :class:`Step` (``theta`` float64).
+    vector). The O(m^2 n) and O(m n) products run in ``J``'s dtype (float32
+    rows: float32 BLAS, four times faster than float64 on a CPU), the
+    ``eigh`` of the Gram matrix and everything O(m) in float64; eigenvalues
+    below the Gram matrix's rounding level (``lam_max * m * 16 * eps`` of
+    ``J``'s dtype) count as zero curvature. Memory O(m^2 + n). Returns a
+    :class:`Step` (``theta`` float64).
     """
     xp = _check_inputs(J, v, beta, eps)
-    J = J.astype(np.float64, copy=False)
+    dtype = J.dtype if J.dtype in (np.float32, np.float64) else np.float64
+    J = J.astype(dtype, copy=False)
     v = v.astype(np.float64, copy=False)
-    lam, V = xp.linalg.eigh(J @ J.T)
-    keep = _positive(lam)
+    lam, V = xp.linalg.eigh((J @ J.T).astype(np.float64))
+    keep = _positive(lam, dtype)
     lam, V = lam[keep], V[:, keep]
-    a = V.T @ (J @ v)
-    range_part = J.T @ (V @ (a / lam))
-    v_perp = v - range_part
+    a = V.T @ (J @ v.astype(dtype)).astype(np.float64)
+
+    def rows_to_columns(coefficient):        # J^T V coefficient, float64
+        return (J.T @ (V @ coefficient).astype(dtype)).astype(np.float64)
+
+    v_perp = v - rows_to_columns(a / lam)
     null2 = float(v_perp @ v_perp)
-    if null2 <= 64 * np.finfo(np.float64).eps * float(v @ v):
+    if null2 <= 64 * np.finfo(dtype).eps * float(v @ v):
         null2, v_perp = 0.0, v_perp * 0    # v lies in the range of g
     lam_h = np.concatenate([np.asarray(to_numpy(lam)), [0.0]])
     weight_h = np.concatenate([np.asarray(to_numpy(a)) ** 2 / lam_h[:-1],
                                [null2]])
     scale2 = (beta / 2) ** 2
     mu = solve_mu(lam_h, weight_h, scale2, eps)
-    coefficient = a / (lam * (lam + mu))
-    theta = J.T @ (V @ coefficient)
+    theta = rows_to_columns(a / (lam * (lam + mu)))
     if mu > 0:
         theta = theta + v_perp / mu
     theta = (beta / 2) * theta
@@ -198,7 +206,7 @@ def exact_step(J, v, beta=DEFAULT_BETA, eps=DEFAULT_EPS):
 
 def _finish(theta, mu, J, v, quad=None):
     if quad is None:
-        Jt = J @ theta
+        Jt = (J @ theta.astype(J.dtype)).astype(np.float64)
         quad = float(Jt @ Jt)
     return Step(theta, float(mu), float(theta @ theta), quad,
                 float(theta @ v))
