@@ -48,20 +48,25 @@ class Target:
         """``P(w)``, a new array like ``w``."""
         return w * ~self.zero_mask(w)
 
-    def distance(self, w):
-        """``||w - P(w)||`` (float)."""
-        d = (self.project(w) - w).astype(np.float64)
-        return float(d @ d) ** 0.5
-
-    def direction(self, w):
-        """``(v, distance)``: the unit float64 vector from ``w`` toward
-        ``P(w)`` and the distance. Raises :class:`GradnetError` when ``w``
-        is already in the set (no direction)."""
+    def gap(self, w):
+        """``(P(w) - w, ||P(w) - w||)``: float64 array and float; raises
+        :class:`GradnetError` when the norm is not finite."""
         d = (self.project(w) - w).astype(np.float64)
         norm = float(d @ d) ** 0.5
         if not np.isfinite(norm):
             raise GradnetError('the weights (or the target) are not finite: '
                                'no direction toward the target')
+        return d, norm
+
+    def distance(self, w):
+        """``||w - P(w)||`` (float)."""
+        return self.gap(w)[1]
+
+    def direction(self, w):
+        """``(v, distance)``: the unit float64 vector from ``w`` toward
+        ``P(w)`` and the distance. Raises :class:`GradnetError` when ``w``
+        is already in the set (no direction)."""
+        d, norm = self.gap(w)
         if norm == 0:
             raise GradnetError(f'the network already lies in the target set '
                                f'({self.describe()}): nothing to walk')
@@ -93,8 +98,10 @@ def check_sparsity(value):
 def _smallest(xp, values, k):
     """Boolean mask of the ``k`` smallest entries of 1-D ``values``."""
     mask = xp.zeros(values.shape, dtype=bool)
-    if k > 0:
-        mask[xp.argsort(values, kind='stable')[:k]] = True
+    if 0 < k < values.size:
+        mask[xp.argpartition(values, k - 1)[:k]] = True
+    elif k >= values.size:
+        mask[...] = True
     return mask
 
 

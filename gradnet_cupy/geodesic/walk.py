@@ -363,7 +363,7 @@ def walk(model, layout, target, inputs, settings=WalkSettings(), *,
 
 def _direction_or_zero(target, w):
     """``target.direction(w)``, or ``(None, 0.0)`` when ``w`` is in the set."""
-    distance = target.distance(w)
+    d, distance = target.gap(w)
     if distance == 0:
         return None, 0.0
-    return target.direction(w)
+    return d / distance, distance
