@@ -190,7 +190,9 @@ def _finish(out, model, record, as_json, line):
               help='Count --sparsity per layer or over all weights.')
 @click.option('--structured', default=None, metavar='LAYER:UNITS',
               help='Instead of --sparsity: remove UNITS whole output units '
-                   '(filters) of LAYER, e.g. conv1:50.')
+                   '(filters) of LAYER, e.g. conv1:50, the ones of smallest '
+                   'weight norm (add --include-bias to zero their biases '
+                   'too).')
 @click.option('--method', type=click.Choice(SPARSIFY_METHODS),
               default='geodesic', show_default=True)
 @walk_options
