@@ -130,13 +130,19 @@ def report(args, name, rows, columns, extra=None):
         json.dump({'rows': rows, **(extra or {})}, f, indent=1)
 
 
-def sparsify(args, device):
+def mnist_network(args, device, arch, epochs):
+    """(trained ``arch`` on the embedded MNIST, its test-accuracy function,
+    its dense test accuracy, training (x, y))."""
     data = load_dataset('mnist')
-    base = trained(data, 'mlp', os.path.join(args.out, 'mlp_mnist'),
-                   args.base_epochs, args.seed, device)
+    base = trained(data, arch, os.path.join(args.out, f'{arch}_mnist'),
+                   epochs, args.seed, device)
     measure = accuracy(data, device)
-    dense = measure(base)['accuracy']
-    x, y = joined(data)
+    return base, measure, measure(base)['accuracy'], joined(data)
+
+
+def sparsify(args, device):
+    base, measure, dense, (x, y) = mnist_network(args, device, 'mlp',
+                                                 args.base_epochs)
     rows, histories = [], {}
     for p in [float(s) for s in args.sparsities.split(',')]:
         budget, curves = None, {}
@@ -198,12 +204,8 @@ def passes_to_recover(model, layout, x, y, dense, measure, args, spent):
 
 
 def structured(args, device):
-    data = load_dataset('mnist')
-    base = trained(data, 'cnn', os.path.join(args.out, 'cnn_mnist'),
-                   args.cnn_epochs, args.seed, device)
-    measure = accuracy(data, device)
-    dense = measure(base)['accuracy']
-    x, y = joined(data)
+    base, measure, dense, (x, y) = mnist_network(args, device, 'cnn',
+                                                 args.cnn_epochs)
     rows, curves = [], {}
     for method in ('geodesic', 'one-shot'):
         model = copy.deepcopy(base)

@@ -169,9 +169,8 @@ class SegmentCheckpoint:
 def _finish(out, model, record, as_json, line):
     save_snapshot(model, os.path.join(out, FINAL))
     _write_json(os.path.join(out, HISTORY), record)
-    for name in (WALK_CHECKPOINT,):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
+    if os.path.exists(os.path.join(out, WALK_CHECKPOINT)):
+        os.remove(os.path.join(out, WALK_CHECKPOINT))
     summary = {**record['summary'], 'out': out}
     report(as_json, summary, line)
 
