@@ -185,3 +185,35 @@ def test_target_already_reached_is_one_line(snapshots, tmp_path):
         'sparsify-path', '--model', first / 'final.npz', '--sparsity', 0.7,
         '--out', tmp_path / 'b', *TINY))
     assert 'already' in line
+
+
+def test_prune_finetune_resumes_after_its_last_round(snapshots, tmp_path,
+                                                     monkeypatch):
+    options = ['--passes', 0.2, '--rounds', 2]
+    whole = sparsified(snapshots['mlp1'], tmp_path / 'a', 'prune-finetune',
+                       *options)
+    baselines_module = importlib.import_module('gradnet_cupy.geodesic.baselines')
+    original, rounds = baselines_module.finetune, []
+
+    def dying(*args, **kwargs):
+        if rounds:
+            raise KeyboardInterrupt
+        rounds.append(1)
+        return original(*args, **kwargs)
+
+    out = tmp_path / 'b'
+    with monkeypatch.context() as patch:
+        patch.setattr(baselines_module, 'finetune', dying)
+        result = run('sparsify-path', '--model', snapshots['mlp1'],
+                     '--sparsity', 0.7, '--method', 'prune-finetune',
+                     '--out', out, '--json', *TINY, *options)
+    assert result.exit_code != 0
+    assert (out / 'checkpoint.json').exists()
+    assert (out / 'checkpoint_model_1.npz').exists()
+    resumed = sparsified(snapshots['mlp1'], out, 'prune-finetune', *options)
+    assert resumed['accuracy'] == whole['accuracy']
+    assert not (out / 'checkpoint.json').exists()
+    assert not (out / 'checkpoint_model_1.npz').exists()
+    a, b = np.load(tmp_path / 'a' / 'final.npz'), np.load(out / 'final.npz')
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
