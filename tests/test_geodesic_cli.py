@@ -185,6 +185,13 @@ def test_target_already_reached_is_one_line(snapshots, tmp_path):
         'sparsify-path', '--model', first / 'final.npz', '--sparsity', 0.7,
         '--out', tmp_path / 'b', *TINY))
     assert 'already' in line
+    assert not (tmp_path / 'b').exists()
+    line = one_error_line(run(
+        'task-path', '--from', snapshots['mlp1'], '--to', snapshots['mlp1'],
+        '--new', 'mnist', '--method', 'interpolate', '--out', tmp_path / 'c',
+        *TINY))
+    assert 'already' in line
+    assert not (tmp_path / 'c').exists()
 
 
 def test_prune_finetune_resumes_after_its_last_round(snapshots, tmp_path,

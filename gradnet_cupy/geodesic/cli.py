@@ -31,7 +31,7 @@ from gradnet_cupy.geodesic.step import BLOCK_PARTITIONS, SOLVERS
 from gradnet_cupy.geodesic.targets import (SCOPES, MagnitudeTarget,
                                            StructuredTarget, WeightsTarget)
 from gradnet_cupy.geodesic.walk import (DIVERGENCES, METHODS, WalkSettings,
-                                        walk)
+                                        check_start, walk)
 from gradnet_cupy.geodesic.weights import (get_weights, host_float64,
                                            layout_of, same_architecture,
                                            set_weights, sparsity)
@@ -224,6 +224,8 @@ def sparsify_path(snapshot, arch, dataset, data_dir, subset, sparsity,
 
     settings = (_walk_settings(method, seed, options) if method in METHODS
                 else None)
+    check_start(target, get_weights(model, layout),
+                settings.threshold if settings else 0.0)
     os.makedirs(out, exist_ok=True)
     dense = test_accuracy(model)['accuracy']
     extra = {}
@@ -338,6 +340,7 @@ def task_path(snapshot_from, snapshot_to, arch, old, new, old_data_dir,
 
     settings = (_walk_settings(method, seed, options, project_at_end=False)
                 if method in METHODS else None)
+    check_start(WeightsTarget(w2), w1, settings.threshold if settings else 0.0)
     os.makedirs(out, exist_ok=True)
     start, goal = accuracies(model), accuracies(target_model)
     extra, best_w = {}, None

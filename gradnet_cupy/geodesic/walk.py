@@ -269,6 +269,17 @@ def load_checkpoint(path, identity):
     return w, state, (best_w if best_w.size else None)
 
 
+def check_start(target, w, threshold):
+    """``target.direction(w)``; :class:`GradnetError` when ``w`` is already
+    within ``threshold`` of the target (nothing to walk)."""
+    d, distance = target.gap(w)
+    if distance <= threshold:
+        raise GradnetError(
+            f'the network is already within {threshold} of the target '
+            f'({target.describe()}): distance {distance:.3g}')
+    return d / distance, distance
+
+
 def walk(model, layout, target, inputs, settings=WalkSettings(), *,
          evaluate=None, score=None, checkpoint=None, progress=False):
     """Walk ``model`` (moved in place) toward ``target``.
@@ -294,11 +305,7 @@ def walk(model, layout, target, inputs, settings=WalkSettings(), *,
     resumed = load_checkpoint(checkpoint, identity) if checkpoint else None
     best, best_w = None, None
     if resumed is None:
-        v, distance = target.direction(w)
-        if distance <= settings.threshold:
-            raise GradnetError(
-                f'the network is already within {settings.threshold} of the '
-                f'target ({target.describe()}): distance {distance:.3g}')
+        v, distance = check_start(target, w, settings.threshold)
         first = {'step': 0, 'distance': distance, 'samples': 0, 'passes': 0.0,
                  'seconds': 0.0, **_evaluate(evaluate, model)}
         history, step, samples, seconds = [first], 0, 0, 0.0
