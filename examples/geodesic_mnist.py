@@ -64,7 +64,7 @@ def parse_args():
                                              'prune-finetune')
     parser.add_argument('--beta', type=float, default=1.0)
     parser.add_argument('--eps', type=float, default=0.01)
-    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--max-steps', type=int, default=400)
     parser.add_argument('--pull', type=float, default=1.0)
     parser.add_argument('--eval-every', type=int, default=20)
