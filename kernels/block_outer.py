@@ -49,9 +49,11 @@ METHODS = ('auto', 'sparse', 'dense')
 CUDA_SOURCE = 'block_outer.cu'
 CUDA_TILE = 32                    # TILE of block_outer.cu
 # G's dtype -> the template instantiation of block_outer.cu and its threads
-# per block (GROUPS * GROUP_THREADS)
+# per block (GROUPS groups of 32 / 64 threads): 256 either way, so that the
+# 40 KiB of static shared memory per block allow 50% (sm_80) / 62.5% (sm_90)
+# theoretical occupancy (bench/results/kernel-resources.json)
 CUDA_KERNELS = {np.dtype(np.float32): ('block_outer<float, 8>', 8 * 32),
-                np.dtype(np.float64): ('block_outer<double, 4>', 4 * 32)}
+                np.dtype(np.float64): ('block_outer<double, 4>', 4 * 64)}
 CUDA_NAME_EXPRESSIONS = tuple(name for name, _ in CUDA_KERNELS.values())
 CROSSOVER_FILE = 'block_outer_crossover.json'
 PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
