@@ -21,9 +21,22 @@ loaded on its device, and a source is compiled (or read from the disk cache)
 once per (source, options, name expressions, device), the key of the
 module dict this file used to keep beside CuPy's. Only the source text is
 cached here (:func:`read_source` reads each file once per process).
+
+Small host-built index arrays (segment offsets, tile lists, block ranges) go
+to the device through :func:`device_constant`, which keeps one read-only
+copy per (content, device): the first request uploads it and waits for the
+copy (one host wait, so that any stream may read it afterwards), later ones
+reuse it without a host-to-device copy. That is what makes a wrapper
+capturable in a CUDA graph after one warm-up call: a capture may not wait
+for the host, and a copy from a pinned staging buffer that CuPy recycles
+would be replayed from stale memory.
 """
+import collections
 import functools
 import importlib.resources
+import threading
+
+import numpy as np
 
 DEFAULT_OPTIONS = ('-std=c++17',)
 
@@ -61,3 +74,34 @@ def launcher(filename, options=DEFAULT_OPTIONS, name_expressions=None):
         kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
 
     return launch
+
+
+DEVICE_CONSTANTS = 256   # cached device copies (least recently used dropped)
+_constants = collections.OrderedDict()
+_constants_lock = threading.Lock()
+
+
+def device_constant(host, xp):
+    """A device copy of the NumPy array ``host`` as an array of module
+    ``xp`` (``host`` itself when ``xp`` is NumPy), shared by every caller
+    with equal content on the current device: never write to it.
+
+    The first request for a content on a device copies it on the current
+    stream and waits for that stream (one host wait); later requests return
+    the cached copy without touching a stream.
+    """
+    host = np.ascontiguousarray(host)
+    if xp is np:
+        return host
+    key = (xp.cuda.Device().id, host.dtype.str, host.shape, host.tobytes())
+    with _constants_lock:
+        if key in _constants:
+            _constants.move_to_end(key)
+            return _constants[key]
+    array = xp.asarray(host)
+    xp.cuda.get_current_stream().synchronize()
+    with _constants_lock:
+        _constants[key] = array
+        while len(_constants) > DEVICE_CONSTANTS:
+            _constants.popitem(last=False)
+    return array
