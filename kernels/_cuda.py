@@ -23,7 +23,7 @@ module dict this file used to keep beside CuPy's. Only the source text is
 cached here (:func:`read_source` reads each file once per process).
 
 Small host-built index arrays (segment offsets, tile lists, block ranges) go
-to the device through :func:`device_constant`, which keeps one read-only
+to the device through :func:`device_constants`, which keeps one read-only
 copy per (content, device): the first request uploads it and waits for the
 copy (one host wait, so that any stream may read it afterwards), later ones
 reuse it without a host-to-device copy. That is what makes a wrapper
@@ -81,27 +81,38 @@ _constants = collections.OrderedDict()
 _constants_lock = threading.Lock()
 
 
-def device_constant(host, xp):
-    """A device copy of the NumPy array ``host`` as an array of module
-    ``xp`` (``host`` itself when ``xp`` is NumPy), shared by every caller
-    with equal content on the current device: never write to it.
+def device_constants(hosts, xp):
+    """Device copies of the NumPy arrays ``hosts`` as arrays of module
+    ``xp`` (the arrays themselves when ``xp`` is NumPy), each shared by
+    every caller with equal content on the current device: never write to
+    them.
 
-    The first request for a content on a device copies it on the current
-    stream and waits for that stream (one host wait); later requests return
-    the cached copy without touching a stream.
+    The contents not yet on the device are copied on the current stream,
+    followed by one wait for that stream (one host wait per call that
+    uploads anything); cached contents are returned without touching a
+    stream.
     """
-    host = np.ascontiguousarray(host)
+    hosts = [np.ascontiguousarray(host) for host in hosts]
     if xp is np:
-        return host
-    key = (xp.cuda.Device().id, host.dtype.str, host.shape, host.tobytes())
+        return hosts
+    device = xp.cuda.Device().id
+    keys = [(device, host.dtype.str, host.shape, host.tobytes())
+            for host in hosts]
     with _constants_lock:
-        if key in _constants:
+        found = [_constants.get(key) for key in keys]
+    if any(array is None for array in found):
+        found = [xp.asarray(host) if array is None else array
+                 for host, array in zip(hosts, found)]
+        xp.cuda.get_current_stream().synchronize()
+    with _constants_lock:
+        for key, array in zip(keys, found):
+            _constants[key] = array
             _constants.move_to_end(key)
-            return _constants[key]
-    array = xp.asarray(host)
-    xp.cuda.get_current_stream().synchronize()
-    with _constants_lock:
-        _constants[key] = array
         while len(_constants) > DEVICE_CONSTANTS:
             _constants.popitem(last=False)
-    return array
+    return found
+
+
+def device_constant(host, xp):
+    """:func:`device_constants` of one array."""
+    return device_constants([host], xp)[0]

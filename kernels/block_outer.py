@@ -42,7 +42,7 @@ import numpy as np
 
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.kernels._cuda import device_constant, launcher
+from gradnet_cupy.kernels._cuda import device_constants, launcher
 from gradnet_cupy.kernels.blocks import Blocks
 from gradnet_cupy.kernels.csr import check_csr
 
@@ -84,7 +84,7 @@ def block_outer_accumulate(csr, blocks, G, weights=None, stream=None,
     once for ``method='auto'`` (one read of the nonzeros per block, which
     the dispatcher needs), and on the first call with given blocks and
     selection on a device for the uploads of the block ranges and tile
-    lists (``_cuda.device_constant``). Afterwards it only queues work: the
+    lists (``_cuda.device_constants``). Afterwards it only queues work: the
     sums may still be running when this returns. So with ``validate=False``
     and ``method='sparse'`` or ``'dense'`` it never waits after a warm-up
     call, and can be captured in a CUDA graph.
@@ -104,10 +104,15 @@ def _accumulate(csr, blocks, G, weights, method, validate, xp):
     entries = (_BlockEntries(csr, blocks)
                if method != 'sparse' or xp is np else None)
     if method == 'auto':
-        dense = to_numpy(choose_dense(entries.counts(), blocks.on(xp).sizes,
-                                      rows, xp))
+        dense = choose_dense(entries.counts(), blocks.sizes, rows, xp)
     else:
         dense = np.full(len(blocks), method == 'dense')
+    # every upload (and its one host wait, first call only) before any sum
+    uploads = [array for chunk in _dense_chunks(blocks, dense, rows)
+               for array in chunk[2:]]
+    if xp is not np and not dense.all():
+        uploads += tile_list(blocks, ~dense)
+    device_constants(uploads, xp)
     if dense.any():
         _dense(entries, blocks, G, w, dense, xp)
     if not dense.all():
@@ -126,10 +131,10 @@ def sparse_launch(launch, csr, blocks, G, w, selected):
     (``gradnet_cupy.kernels._cuda.launcher`` on a GPU, the CPU emulation in
     tests). ``csr``, ``G`` and ``w`` (float32 (rows,)) are arrays of one
     module. Queues one launch on the current stream; no host wait, but for
-    the first upload of a tile list to a device (``_cuda.device_constant``).
+    the first upload of a tile list to a device (``_cuda.device_constants``).
     """
     xp = get_array_module(G)
-    tiles = [device_constant(part, xp) for part in tile_list(blocks, selected)]
+    tiles = device_constants(tile_list(blocks, selected), xp)
     if not len(tiles[0]):
         return
     device = blocks.on(xp)
@@ -238,31 +243,43 @@ def _add_pairs(begin, length, row, block, local, data, blocks, G, w):
 
 
 def _dense(entries, blocks, G, w, selected, xp):
-    """Dense path on the ``selected`` blocks (bool (k,), host): per group of
-    equal-size blocks a zero-filled (group, rows, size) slab X and
-    ``G_b += X_b^T diag(w) X_b`` by batched matmul in G's dtype. The entries
-    of other blocks are written to one extra slab that is dropped (no
-    filtering, which on CuPy would wait for the device)."""
+    """Dense path on the ``selected`` blocks (bool (k,), host): per chunk of
+    equal-size blocks (:func:`_dense_chunks`) a zero-filled (chunk, rows,
+    size) slab X and ``G_b += X_b^T diag(w) X_b`` by batched matmul in G's
+    dtype. The entries of other blocks are written to one extra slab that
+    is dropped (no filtering, which on CuPy would wait for the device)."""
+    rows = len(w)
+    for size, ids, slab, offsets in _dense_chunks(blocks, selected, rows):
+        slab, offsets = device_constants((slab, offsets), xp)
+        where = slab[entries.block]
+        local = xp.where(where < len(ids), entries.local, 0)
+        X = xp.zeros((len(ids) + 1, rows, size), dtype=G.dtype)
+        X[where, entries.row, local] = entries.data
+        X = X[:-1]
+        product = xp.matmul(X.transpose(0, 2, 1),
+                            X * w.astype(G.dtype)[None, :, None])
+        target = offsets[:, None] + xp.arange(size ** 2)
+        G[target.ravel()] += product.reshape(-1)
+
+
+def _dense_chunks(blocks, selected, rows):
+    """The dense path's work as host arrays: per chunk of at most
+    DENSE_CHUNK slab entries of equal-size selected blocks, ``(size, ids,
+    slab, offsets)``: the block ids, each block's slab in the chunk
+    (int64 (k + 1,), ``len(ids)`` for the others and for entries outside
+    every block) and the blocks' packed offsets."""
     sizes = blocks.sizes
     chosen = np.flatnonzero(selected)
-    rows = len(w)
-    for size in np.unique(sizes[chosen]):
+    chunks = []
+    for size in np.unique(sizes[chosen]).tolist():
         group = chosen[sizes[chosen] == size]
-        per_chunk = max(1, DENSE_CHUNK // max(1, rows * int(size)))
+        per_chunk = max(1, DENSE_CHUNK // max(1, rows * size))
         for first in range(0, len(group), per_chunk):
             ids = group[first:first + per_chunk]
             slab = np.full(len(blocks) + 1, len(ids), dtype=np.int64)
-            slab[ids] = np.arange(len(ids))   # the others: the extra slab
-            where = device_constant(slab, xp)[entries.block]
-            local = xp.where(where < len(ids), entries.local, 0)
-            X = xp.zeros((len(ids) + 1, rows, int(size)), dtype=G.dtype)
-            X[where, entries.row, local] = entries.data
-            X = X[:-1]
-            product = xp.matmul(X.transpose(0, 2, 1),
-                                X * w.astype(G.dtype)[None, :, None])
-            target = (device_constant(blocks.offsets[ids], xp)[:, None]
-                      + xp.arange(int(size) ** 2))
-            G[target.ravel()] += product.reshape(-1)
+            slab[ids] = np.arange(len(ids))
+            chunks.append((size, ids, slab, blocks.offsets[ids]))
+    return chunks
 
 
 def load_crossovers():
@@ -287,11 +304,13 @@ def crossover_density(backend, sizes, table=None):
 
 
 def choose_dense(counts, sizes, rows, xp):
-    """Bool (k,) of module ``xp``: which blocks the auto dispatcher sends to
-    the dense path, from nonzeros per block ``counts`` and ``sizes``."""
+    """Bool (k,) host array: which blocks the auto dispatcher sends to the
+    dense path, from nonzeros per block ``counts`` (int (k,), host or of
+    module ``xp``: read back once), host ``sizes`` and the batch's ``rows``;
+    ``xp`` (the batch's module) picks the crossover table."""
     backend = 'numpy' if xp is np else 'cupy'
-    threshold = xp.asarray(crossover_density(backend, to_numpy(sizes)))
-    density = counts / (max(rows, 1) * sizes)
+    threshold = crossover_density(backend, sizes)
+    density = to_numpy(counts) / (max(rows, 1) * np.asarray(sizes))
     return density >= threshold
 
 
