@@ -83,8 +83,8 @@ def block_outer_accumulate(csr, blocks, G, weights=None, stream=None,
     kernel of the sums: once for ``validate`` (one read of the CSR flags),
     once for ``method='auto'`` (one read of the nonzeros per block, which
     the dispatcher needs), and on the first call with given blocks and
-    selection on a device for the uploads of the block ranges and tile
-    lists (``_cuda.device_constants``). Afterwards it only queues work: the
+    selection on a device for the uploads of the block ranges, tile lists
+    and dense-path index arrays (``_cuda.device_constants``). Afterwards it only queues work: the
     sums may still be running when this returns. So with ``validate=False``
     and ``method='sparse'`` or ``'dense'`` it never waits after a warm-up
     call, and can be captured in a CUDA graph.
@@ -107,12 +107,12 @@ def _accumulate(csr, blocks, G, weights, method, validate, xp):
         dense = choose_dense(entries.counts(), blocks.sizes, rows, xp)
     else:
         dense = np.full(len(blocks), method == 'dense')
-    # every upload (and its one host wait, first call only) before any sum
-    uploads = [array for chunk in _dense_chunks(blocks, dense, rows)
-               for array in chunk[2:]]
-    if xp is not np and not dense.all():
-        uploads += tile_list(blocks, ~dense)
-    device_constants(uploads, xp)
+    if xp is not np:   # every upload (one host wait, first call) first
+        uploads = [array for chunk in _dense_chunks(blocks, dense, rows)
+                   for array in chunk[2:]]
+        if not dense.all():
+            uploads += tile_list(blocks, ~dense)
+        device_constants(uploads, xp)
     if dense.any():
         _dense(entries, blocks, G, w, dense, xp)
     if not dense.all():

@@ -9,6 +9,9 @@ which prints the figures (bench/results/kernel-resources.json). Without nvcc
 the tests fail when the environment variable CI is set and are skipped
 otherwise.
 """
+import re
+from pathlib import Path
+
 import pytest
 
 from cuda_emulation import require_tool
@@ -33,15 +36,17 @@ def test_kernel_meets_resource_budget(source, kernel, threads, arch):
 
 
 def test_every_kernel_is_budgeted():
-    """LAUNCHES names every kernel the sources define (so a new kernel
-    cannot go unmeasured) and the launches of the wrappers."""
-    from gradnet_cupy.kernels import block_outer, sparsify
-
-    listed = {(source, kernel) for source, kernel, _ in _resources.LAUNCHES}
-    assert listed == {(sparsify.CUDA_SOURCE, 'percentile_select'),
-                      (sparsify.CUDA_SOURCE, 'percentile_compact')} | {
-        (block_outer.CUDA_SOURCE, name)
-        for name in block_outer.CUDA_NAME_EXPRESSIONS}
+    """LAUNCHES names every __global__ function of every kernels/*.cu (a
+    template through at least one instantiation), so a new kernel cannot go
+    unmeasured."""
+    kernels = Path(_resources.__file__).resolve().parent
+    defined = {(path.name, match.group(1))
+               for path in kernels.glob('*.cu')
+               for match in re.finditer(r'__global__\s+void\s+(\w+)',
+                                        path.read_text())}
+    listed = {(source, kernel.split('<')[0])
+              for source, kernel, _ in _resources.LAUNCHES}
+    assert defined and listed == defined
 
 
 PTXAS_REPORT = """\
