@@ -17,13 +17,16 @@ checks the mapping from a fresh interpreter.
 Modules: ``csr`` (the CSR batch and its one check), ``sparsify``
 (percentile sparsification, ``sparsify.cu``), ``blocks`` (diagonal block
 ranges), ``block_outer`` (block outer-product sums, ``block_outer.cu``) and
-``_cuda`` (loads the ``.cu`` sources into CuPy).
+``_cuda`` (loads the ``.cu`` sources into CuPy, caches small device
+constants) and ``_resources`` (ptxas resource use and occupancy of the
+kernels, for tests/test_kernel_resources.py and bench/kernel_resources.py).
 """
 from gradnet_cupy.kernels.block_outer import block_outer_accumulate
 from gradnet_cupy.kernels.blocks import Blocks
 from gradnet_cupy.kernels.csr import CSR
 from gradnet_cupy.kernels.sparsify import (fixed_index_sets, gather_fixed,
-                                           percentile_sparsify)
+                                           percentile_sparsify,
+                                           percentile_sparsify_async)
 
 __all__ = ['CSR', 'Blocks', 'block_outer_accumulate', 'fixed_index_sets',
-           'gather_fixed', 'percentile_sparsify']
+           'gather_fixed', 'percentile_sparsify', 'percentile_sparsify_async']

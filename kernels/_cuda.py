@@ -21,9 +21,22 @@ loaded on its device, and a source is compiled (or read from the disk cache)
 once per (source, options, name expressions, device), the key of the
 module dict this file used to keep beside CuPy's. Only the source text is
 cached here (:func:`read_source` reads each file once per process).
+
+Small host-built index arrays (segment offsets, tile lists, block ranges) go
+to the device through :func:`device_constants`, which keeps one read-only
+copy per (content, device): the first request uploads it and waits for the
+copy (one host wait, so that any stream may read it afterwards), later ones
+reuse it without a host-to-device copy. That is what makes a wrapper
+capturable in a CUDA graph after one warm-up call: a capture may not wait
+for the host, and a copy from a pinned staging buffer that CuPy recycles
+would be replayed from stale memory.
 """
+import collections
 import functools
 import importlib.resources
+import threading
+
+import numpy as np
 
 DEFAULT_OPTIONS = ('-std=c++17',)
 
@@ -61,3 +74,45 @@ def launcher(filename, options=DEFAULT_OPTIONS, name_expressions=None):
         kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
 
     return launch
+
+
+DEVICE_CONSTANTS = 256   # cached device copies (least recently used dropped)
+_constants = collections.OrderedDict()
+_constants_lock = threading.Lock()
+
+
+def device_constants(hosts, xp):
+    """Device copies of the NumPy arrays ``hosts`` as arrays of module
+    ``xp`` (the arrays themselves when ``xp`` is NumPy), each shared by
+    every caller with equal content on the current device: never write to
+    them.
+
+    The contents not yet on the device are copied on the current stream,
+    followed by one wait for that stream (one host wait per call that
+    uploads anything); cached contents are returned without touching a
+    stream.
+    """
+    hosts = [np.ascontiguousarray(host) for host in hosts]
+    if xp is np:
+        return hosts
+    device = xp.cuda.Device().id
+    keys = [(device, host.dtype.str, host.shape, host.tobytes())
+            for host in hosts]
+    with _constants_lock:
+        found = [_constants.get(key) for key in keys]
+    if any(array is None for array in found):
+        found = [xp.asarray(host) if array is None else array
+                 for host, array in zip(hosts, found)]
+        xp.cuda.get_current_stream().synchronize()
+    with _constants_lock:
+        for key, array in zip(keys, found):
+            _constants[key] = array
+            _constants.move_to_end(key)
+        while len(_constants) > DEVICE_CONSTANTS:
+            _constants.popitem(last=False)
+    return found
+
+
+def device_constant(host, xp):
+    """:func:`device_constants` of one array."""
+    return device_constants([host], xp)[0]

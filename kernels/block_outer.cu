@@ -10,13 +10,17 @@
 // finds, for its own rows of the chunk, by binary search on the row's sorted
 // column indices, the run of nonzeros inside the tile's row range A and the
 // run inside its column range B (independent searches, so their latencies
-// overlap). Then the threads, as GROUPS groups of GROUP_THREADS, take the
-// chunk's rows in lock step, one row per group and round (one __syncthreads
-// per round): every pair (j in A, k in B) of the row is a distinct tile
-// entry, so the group's threads add w * (t_j * t_k) to the group's private
-// shared-memory tile without atomics. At the end the GROUPS
-// private tiles are summed in group order and added to G. The order of every
-// sum is fixed, so the result is deterministic; the work per (row, tile) is
+// overlap). Then the threads, as GROUPS groups of blockDim.x / GROUPS, take
+// the chunk's rows in lock step, one row per group and round (one
+// __syncthreads per round): every pair (j in A, k in B) of the row is a
+// distinct tile entry, so the group's threads add w * (t_j * t_k) to the
+// group's private shared-memory tile without atomics. Which thread of a group adds which pair does not change any sum (each
+// entry of a group's tile gets one term per row, the rows of the group in
+// order), so the launch may pick the threads per group freely: block_outer.py
+// gives double tiles 64 threads per group, so that the 32 KiB of tiles are
+// shared by 256 threads (50% occupancy on sm_80, shared-memory bound).
+// At the end the GROUPS private tiles are summed in group order and added to
+// G. The order of every sum is fixed, so the result is deterministic; the work per (row, tile) is
 // two to four binary searches plus one term per pair of nonzeros.
 //
 // Terms and sums are formed in G's type T (float or double); t_j * t_k is
@@ -27,7 +31,6 @@
 // tests/cuda_emulation.
 
 #define TILE 32
-#define GROUP_THREADS 32
 #define ROW_CHUNK 256  // rows whose runs are searched at once: 8 KiB
 
 // First position p in [lo, hi) with indices[p] >= value (hi when none).
@@ -47,7 +50,8 @@ __device__ long long first_at_least(const int* indices, long long lo,
 // Instantiated (CuPy name expressions, see block_outer.py) as
 // block_outer<float, 8> and block_outer<double, 4>: GROUPS private tiles of
 // TILE x TILE entries take 32 KiB of shared memory either way. Launch: one
-// thread block per tile, blockDim.x == GROUPS * GROUP_THREADS.
+// thread block per tile, blockDim.x a multiple of GROUPS (blockDim.x / GROUPS
+// threads per group).
 template <typename T, int GROUPS>
 __global__ void block_outer(
         const long long* indptr, const int* indices, const float* data,
@@ -68,8 +72,9 @@ __global__ void block_outer(
     const long long b_end =
         b_first + TILE < start + size ? b_first + TILE : start + size;
     const bool diagonal = a_first == b_first;
-    const int group = threadIdx.x / GROUP_THREADS;
-    const int lane = threadIdx.x % GROUP_THREADS;
+    const int group_threads = blockDim.x / GROUPS;
+    const int group = threadIdx.x / group_threads;
+    const int lane = threadIdx.x % group_threads;
     T* mine = tiles + group * TILE * TILE;
 
     for (int e = threadIdx.x; e < GROUPS * TILE * TILE; e += blockDim.x) {
@@ -104,7 +109,7 @@ __global__ void block_outer(
                 const int na = (int)(runs[i][1] - a0);
                 const int nb = (int)(runs[i][3] - b0);
                 const T w = (T)weights[chunk + i];
-                for (int p = lane; p < na * nb; p += GROUP_THREADS) {
+                for (int p = lane; p < na * nb; p += group_threads) {
                     const long long j = a0 + p / nb;
                     const long long k = b0 + p % nb;
                     const T product = (T)data[j] * (T)data[k];

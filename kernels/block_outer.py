@@ -42,6 +42,7 @@ import numpy as np
 
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels._cuda import device_constants, launcher
 from gradnet_cupy.kernels.blocks import Blocks
 from gradnet_cupy.kernels.csr import check_csr
 
@@ -49,9 +50,11 @@ METHODS = ('auto', 'sparse', 'dense')
 CUDA_SOURCE = 'block_outer.cu'
 CUDA_TILE = 32                    # TILE of block_outer.cu
 # G's dtype -> the template instantiation of block_outer.cu and its threads
-# per block (GROUPS * GROUP_THREADS)
+# per block (GROUPS groups of 32 / 64 threads): 256 either way, so that the
+# 40 KiB of static shared memory per block allow 50% (sm_80) / 62.5% (sm_90)
+# theoretical occupancy (bench/results/kernel-resources.json)
 CUDA_KERNELS = {np.dtype(np.float32): ('block_outer<float, 8>', 8 * 32),
-                np.dtype(np.float64): ('block_outer<double, 4>', 4 * 32)}
+                np.dtype(np.float64): ('block_outer<double, 4>', 4 * 64)}
 CUDA_NAME_EXPRESSIONS = tuple(name for name, _ in CUDA_KERNELS.values())
 CROSSOVER_FILE = 'block_outer_crossover.json'
 PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
@@ -59,47 +62,66 @@ DENSE_CHUNK = 1 << 24   # entries of the zero-filled (blocks, rows, size) slab
 
 
 def block_outer_accumulate(csr, blocks, G, weights=None, stream=None,
-                           method='auto'):
+                           method='auto', validate=True):
     """``G_b += sum_i weights[i] * t_i[b] t_i[b]^T`` for every block, in place.
 
     ``csr``: :class:`~gradnet_cupy.kernels.csr.CSR` (rows x
     ``blocks.n_columns``), NumPy or CuPy;
     ``blocks``: :class:`Blocks`; ``G``: float32 or float64
     ``(blocks.packed_size,)`` of the same array module, the packed blocks;
-    ``weights``: optional float ``(rows,)`` (default all ones); ``stream``: a
-    ``cupy.cuda.Stream`` to run on (CuPy only; default the current stream);
-    ``method``: ``'auto' | 'sparse' | 'dense'`` (module docstring).
-    Returns ``G``.
+    ``weights``: optional float32 ``(rows,)`` of the same module (default
+    all ones; other dtypes are refused, not cast: a float64 weight would be
+    rounded to float32, so convert explicitly with
+    ``weights.astype(numpy.float32)``); ``stream``: a ``cupy.cuda.Stream``
+    to run on (CuPy only; default the current stream); ``method``:
+    ``'auto' | 'sparse' | 'dense'`` (module docstring); ``validate``: check
+    the CSR's contents (:func:`~gradnet_cupy.kernels.csr.check_csr`; its
+    layout and every other argument are always checked). Returns ``G``.
+
+    Host waits (CuPy input). Every device operation, validation included,
+    is queued on ``stream``. The host waits for it only before the first
+    kernel of the sums: once for ``validate`` (one read of the CSR flags),
+    once for ``method='auto'`` (one read of the nonzeros per block, which
+    the dispatcher needs), and on the first call with given blocks and
+    selection on a device for the uploads of the block ranges, tile lists
+    and dense-path index arrays (``_cuda.device_constants``). Afterwards it only queues work: the
+    sums may still be running when this returns. So with ``validate=False``
+    and ``method='sparse'`` or ``'dense'`` it never waits after a warm-up
+    call, and can be captured in a CUDA graph.
     """
     xp = _check_inputs(csr, blocks, G, weights, method)
     if xp is np or stream is None:
-        return _accumulate(csr, blocks, G, weights, method, xp)
+        return _accumulate(csr, blocks, G, weights, method, validate, xp)
     with stream:
-        return _accumulate(csr, blocks, G, weights, method, xp)
+        return _accumulate(csr, blocks, G, weights, method, validate, xp)
 
 
-def _accumulate(csr, blocks, G, weights, method, xp):
+def _accumulate(csr, blocks, G, weights, method, validate, xp):
+    if validate:
+        check_csr(csr, blocks.n_columns)
     rows = csr.shape[0]
-    w = (xp.ones(rows, dtype=np.float32) if weights is None
-         else xp.asarray(weights, dtype=np.float32))
+    w = xp.ones(rows, dtype=np.float32) if weights is None else weights
+    entries = (_BlockEntries(csr, blocks)
+               if method != 'sparse' or xp is np else None)
     if method == 'auto':
-        entries = _BlockEntries(csr, blocks)
-        dense = choose_dense(entries.counts(), blocks.on(xp).sizes, rows, xp)
+        dense = choose_dense(entries.counts(), blocks.sizes, rows, xp)
     else:
-        dense = xp.full(len(blocks), method == 'dense', dtype=bool)
-        needed = method == 'dense' or xp is np   # the CUDA kernel reads the CSR
-        entries = _BlockEntries(csr, blocks) if needed else None
-    if bool(dense.any()):
+        dense = np.full(len(blocks), method == 'dense')
+    if xp is not np:   # every upload (one host wait, first call) first
+        uploads = [array for chunk in _dense_chunks(blocks, dense, rows)
+                   for array in chunk[2:]]
+        if not dense.all():
+            uploads += tile_list(blocks, ~dense)
+        device_constants(uploads, xp)
+    if dense.any():
         _dense(entries, blocks, G, w, dense, xp)
-    if not bool(dense.all()):
+    if not dense.all():
         if xp is np:
             _sparse_reference(entries, blocks, G, w, ~dense)
         else:
-            from gradnet_cupy.kernels._cuda import launcher
             sparse_launch(launcher(CUDA_SOURCE,
                                    name_expressions=CUDA_NAME_EXPRESSIONS),
-                          csr, blocks, G, w,
-                          to_numpy(~dense))
+                          csr, blocks, G, w, ~dense)
     return G
 
 
@@ -108,9 +130,11 @@ def sparse_launch(launch, csr, blocks, G, w, selected):
     (bool (k,), host) through ``launch(name, grid, block, shared_mem, args)``
     (``gradnet_cupy.kernels._cuda.launcher`` on a GPU, the CPU emulation in
     tests). ``csr``, ``G`` and ``w`` (float32 (rows,)) are arrays of one
-    module."""
+    module. Queues one launch on the current stream; no host wait, but for
+    the first upload of a tile list to a device (``_cuda.device_constants``).
+    """
     xp = get_array_module(G)
-    tiles = [xp.asarray(part) for part in tile_list(blocks, selected)]
+    tiles = device_constants(tile_list(blocks, selected), xp)
     if not len(tiles[0]):
         return
     device = blocks.on(xp)
@@ -140,28 +164,38 @@ def tile_list(blocks, selected):
 
 
 class _BlockEntries:
-    """The nonzeros of a CSR batch that lie inside blocks, in CSR order.
+    """The nonzeros of a CSR batch with their blocks, in CSR order, built by
+    array operations that never wait for the device.
 
-    ``row``, ``block``: int64 (m,); ``local``: int64 column within the block;
-    ``data``: float32 (m,).
+    ``row``: int64 (nnz,); ``block``: int64 (nnz,) block id, ``n_blocks`` for
+    an entry outside every block; ``local``: int64 column within the block
+    (meaningless outside); ``data``: float32 (nnz,).
     """
 
     def __init__(self, csr, blocks):
         xp = get_array_module(csr.data)
-        block = blocks.column_block(csr.indices)
-        row = xp.repeat(xp.arange(csr.shape[0], dtype=np.int64),
-                        xp.diff(csr.indptr).astype(np.int64))
-        keep = xp.flatnonzero(block >= 0)
-        self.row, self.block = row[keep], block[keep]
-        self.local = (csr.indices[keep].astype(np.int64)
-                      - blocks.on(xp).starts[self.block])
-        self.data = csr.data[keep]
         self.n_blocks = len(blocks)
+        block = blocks.column_block(csr.indices)
+        self.block = xp.where(block >= 0, block, self.n_blocks)
+        # entry p lies in the row i with indptr[i] <= p < indptr[i + 1]
+        self.row = xp.searchsorted(csr.indptr[1:],
+                                   xp.arange(csr.nnz, dtype=np.int64),
+                                   side='right')
+        starts = xp.concatenate((blocks.on(xp).starts,
+                                 xp.zeros(1, dtype=np.int64)))
+        self.local = csr.indices.astype(np.int64) - starts[self.block]
+        self.data = csr.data
         self.xp = xp
 
     def counts(self):
-        """Nonzeros per block, int64 (k,)."""
-        return self.xp.bincount(self.block, minlength=self.n_blocks)
+        """Nonzeros per block, int64 (k,), without a host wait
+        (``cupy.bincount`` reads the largest value back; a scatter-add in
+        uint64, which CuPy's atomic add supports, does not)."""
+        if self.xp is np:
+            return np.bincount(self.block, minlength=self.n_blocks + 1)[:-1]
+        counts = self.xp.zeros(self.n_blocks + 1, dtype=np.uint64)
+        self.xp.add.at(counts, self.block, np.uint64(1))
+        return counts[:-1].astype(np.int64)
 
 
 def _sparse_reference(entries, blocks, G, w, selected):
@@ -172,7 +206,7 @@ def _sparse_reference(entries, blocks, G, w, selected):
     float64 to ``G_b[local_j, local_k]``; the sums of one call go into G by
     one addition.
     """
-    keep = np.flatnonzero(selected[entries.block])
+    keep = np.flatnonzero(np.append(selected, False)[entries.block])
     row, block = entries.row[keep], entries.block[keep]
     local, data = entries.local[keep], entries.data[keep].astype(np.float64)
     if not len(row):
@@ -209,29 +243,43 @@ def _add_pairs(begin, length, row, block, local, data, blocks, G, w):
 
 
 def _dense(entries, blocks, G, w, selected, xp):
-    """Dense path on the ``selected`` blocks: per group of equal-size blocks
-    a zero-filled (group, rows, size) slab X and ``G_b += X_b^T diag(w) X_b``
-    by batched matmul in G's dtype."""
-    sizes = blocks.sizes
-    chosen = np.flatnonzero(to_numpy(selected))
+    """Dense path on the ``selected`` blocks (bool (k,), host): per chunk of
+    equal-size blocks (:func:`_dense_chunks`) a zero-filled (chunk, rows,
+    size) slab X and ``G_b += X_b^T diag(w) X_b`` by batched matmul in G's
+    dtype. The entries of other blocks are written to one extra slab that
+    is dropped (no filtering, which on CuPy would wait for the device)."""
     rows = len(w)
-    offsets = blocks.on(xp).offsets
-    for size in np.unique(sizes[chosen]):
+    for size, ids, slab, offsets in _dense_chunks(blocks, selected, rows):
+        slab, offsets = device_constants((slab, offsets), xp)
+        where = slab[entries.block]
+        local = xp.where(where < len(ids), entries.local, 0)
+        X = xp.zeros((len(ids) + 1, rows, size), dtype=G.dtype)
+        X[where, entries.row, local] = entries.data
+        X = X[:-1]
+        product = xp.matmul(X.transpose(0, 2, 1),
+                            X * w.astype(G.dtype)[None, :, None])
+        target = offsets[:, None] + xp.arange(size ** 2)
+        G[target.ravel()] += product.reshape(-1)
+
+
+def _dense_chunks(blocks, selected, rows):
+    """The dense path's work as host arrays: per chunk of at most
+    DENSE_CHUNK slab entries of equal-size selected blocks, ``(size, ids,
+    slab, offsets)``: the block ids, each block's slab in the chunk
+    (int64 (k + 1,), ``len(ids)`` for the others and for entries outside
+    every block) and the blocks' packed offsets."""
+    sizes = blocks.sizes
+    chosen = np.flatnonzero(selected)
+    chunks = []
+    for size in np.unique(sizes[chosen]).tolist():
         group = chosen[sizes[chosen] == size]
-        per_chunk = max(1, DENSE_CHUNK // max(1, rows * int(size)))
+        per_chunk = max(1, DENSE_CHUNK // max(1, rows * size))
         for first in range(0, len(group), per_chunk):
-            ids = xp.asarray(group[first:first + per_chunk])
-            position = xp.full(len(blocks), -1, dtype=np.int64)
-            position[ids] = xp.arange(len(ids))
-            where = position[entries.block]
-            keep = xp.flatnonzero(where >= 0)
-            X = xp.zeros((len(ids), rows, int(size)), dtype=G.dtype)
-            X[where[keep], entries.row[keep], entries.local[keep]] = \
-                entries.data[keep]
-            product = xp.matmul(X.transpose(0, 2, 1),
-                                X * w.astype(G.dtype)[None, :, None])
-            target = offsets[ids][:, None] + xp.arange(int(size) ** 2)
-            G[target.ravel()] += product.reshape(-1)
+            ids = group[first:first + per_chunk]
+            slab = np.full(len(blocks) + 1, len(ids), dtype=np.int64)
+            slab[ids] = np.arange(len(ids))
+            chunks.append((size, ids, slab, blocks.offsets[ids]))
+    return chunks
 
 
 def load_crossovers():
@@ -256,11 +304,13 @@ def crossover_density(backend, sizes, table=None):
 
 
 def choose_dense(counts, sizes, rows, xp):
-    """Bool (k,) of module ``xp``: which blocks the auto dispatcher sends to
-    the dense path, from nonzeros per block ``counts`` and ``sizes``."""
+    """Bool (k,) host array: which blocks the auto dispatcher sends to the
+    dense path, from nonzeros per block ``counts`` (int (k,), host or of
+    module ``xp``: read back once), host ``sizes`` and the batch's ``rows``;
+    ``xp`` (the batch's module) picks the crossover table."""
     backend = 'numpy' if xp is np else 'cupy'
-    threshold = xp.asarray(crossover_density(backend, to_numpy(sizes)))
-    density = counts / (max(rows, 1) * sizes)
+    threshold = crossover_density(backend, sizes)
+    density = to_numpy(counts) / (max(rows, 1) * np.asarray(sizes))
     return density >= threshold
 
 
@@ -270,7 +320,7 @@ def _check_inputs(csr, blocks, G, weights, method):
             f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if not isinstance(blocks, Blocks):
         raise GradnetError(f'expected Blocks, got {type(blocks).__name__}')
-    xp = check_csr(csr, blocks.n_columns)
+    xp = check_csr(csr, blocks.n_columns, contents=False)
     if get_array_module(G) is not xp:
         raise GradnetError('G and the CSR batch must be on the same device')
     if G.dtype not in (np.float32, np.float64):
@@ -287,4 +337,8 @@ def _check_inputs(csr, blocks, G, weights, method):
             raise GradnetError(
                 f'weights must have shape ({csr.shape[0]},), got '
                 f'{weights.shape}')
+        if weights.dtype != np.float32:
+            raise GradnetError(
+                f'weights must be float32, got {weights.dtype}: convert '
+                'explicitly with weights.astype(numpy.float32)')
     return xp

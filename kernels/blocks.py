@@ -13,6 +13,7 @@ import numpy as np
 
 from gradnet_cupy.backend import get_array_module
 from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels._cuda import device_constants
 
 
 class Blocks:
@@ -134,14 +135,15 @@ class Blocks:
 
     def on(self, xp):
         """``starts``/``sizes``/``offsets`` as arrays of module ``xp``
-        (NumPy: self; CuPy: copies cached per device)."""
+        (NumPy: self; CuPy: read-only copies cached per device by
+        :func:`~gradnet_cupy.kernels._cuda.device_constants`, whose first
+        upload on a device waits for its copy)."""
         if xp is np:
             return self
         key = (xp.__name__, xp.cuda.Device().id)
         if key not in self._device_cache:
-            self._device_cache[key] = _DeviceBlocks(
-                xp.asarray(self.starts), xp.asarray(self.sizes),
-                xp.asarray(self.offsets))
+            self._device_cache[key] = _DeviceBlocks(*device_constants(
+                (self.starts, self.sizes, self.offsets), xp))
         return self._device_cache[key]
 
 

@@ -44,12 +44,18 @@ class CSR(NamedTuple):
                    to_device(self.data, device), self.shape)
 
 
-def check_csr(csr, n_columns=None):
+def check_csr(csr, n_columns=None, contents=True):
     """Raises :class:`GradnetError` unless ``csr`` is a well-formed
-    :class:`CSR` (the dtypes of its docstring, ``indptr`` rising from 0 to
-    nnz, column indices in range and strictly increasing within each row)
-    with ``n_columns`` columns (any number when None). Returns its array
-    module (numpy or cupy; the checks read a few scalars back from a GPU)."""
+    :class:`CSR` with ``n_columns`` columns (any number when None). Returns
+    its array module (numpy or cupy).
+
+    The layout (type, shapes, the dtypes of the CSR docstring) is checked on
+    the host. With ``contents`` (the default) also the arrays' contents:
+    ``indptr`` rising from 0 to nnz, column indices in range and strictly
+    increasing within each row. On CuPy arrays those checks are reductions
+    queued on the current stream (enter ``with stream:`` first) and one
+    host read of their three flags, the only host wait of this function.
+    """
     if not isinstance(csr, CSR):
         raise GradnetError(f'expected a CSR batch, got {type(csr).__name__}')
     xp = get_array_module(csr.indptr, csr.indices, csr.data)
@@ -67,16 +73,25 @@ def check_csr(csr, n_columns=None):
         if getattr(csr, name).dtype != dtype:
             raise GradnetError(f'CSR {name} must be {np.dtype(dtype).name}, '
                                f'got {getattr(csr, name).dtype}')
-    if (int(csr.indptr[0]) != 0 or int(csr.indptr[-1]) != csr.nnz
-            or bool((xp.diff(csr.indptr) < 0).any())):
+    if not contents:
+        return xp
+    indptr, indices, nnz = csr.indptr, csr.indices, csr.nnz
+    # a row starts at each position indptr[1:-1] (clipped: a bad indptr is
+    # reported by the first flags); index 0 and nnz are a row start anyway
+    row_start = xp.zeros(nnz + 1, dtype=bool)
+    row_start[xp.clip(indptr[1:-1], 0, nnz)] = True
+    rising = xp.diff(indices.astype(np.int64)) > 0
+    flags = xp.stack([
+        (indptr[0] != 0) | (indptr[-1] != nnz) | (xp.diff(indptr) < 0).any(),
+        ((indices < 0) | (indices >= columns)).any(),
+        ~(rising | row_start[1:-1]).all()])
+    bad_indptr, out_of_range, unsorted = to_numpy(flags).tolist()
+    if bad_indptr:
         raise GradnetError('malformed CSR: indptr must rise from 0 to nnz')
-    if csr.nnz and bool(((csr.indices < 0) | (csr.indices >= columns)).any()):
+    if out_of_range:
         raise GradnetError(
             f'CSR column indices out of range [0, {columns})')
-    rising = xp.diff(csr.indices.astype(np.int64)) > 0
-    row_start = xp.zeros(csr.nnz, dtype=bool)
-    row_start[csr.indptr[1:-1][csr.indptr[1:-1] < csr.nnz]] = True
-    if csr.nnz and not bool((rising | row_start[1:]).all()):
+    if unsorted:
         raise GradnetError(
             'CSR column indices must be strictly increasing within each row')
     return xp

@@ -33,9 +33,12 @@ magnitude lies strictly between them, so ``|x| > threshold`` iff
 ``|x| > (a if threshold < b else b)``. The NumPy path (the reference and the
 CPU implementation: vectorised over rows, one ``numpy.partition`` per
 segment) is tested against ``numpy.percentile`` itself; CuPy input runs the
-CUDA kernels of ``sparsify.cu`` through :func:`sparsify_launch_sequence`,
+CUDA kernels of ``sparsify.cu`` through :func:`sparsify_launches`,
 tested against the NumPy path bit for bit (on the CPU through
-tests/cuda_emulation, and on a GPU).
+tests/cuda_emulation, and on a GPU). The CUDA path never waits for the
+device until its end (:func:`percentile_sparsify` says exactly when the
+host waits): it allocates the output at a bound the host knows
+(:func:`kept_capacity`) and reads the kept count once, at the end.
 """
 import contextlib
 import numbers
@@ -44,6 +47,7 @@ import numpy as np
 
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.kernels._cuda import device_constant, launcher
 from gradnet_cupy.kernels.csr import CSR, check_csr
 
 CUDA_SOURCE = 'sparsify.cu'
@@ -64,25 +68,79 @@ def percentile_sparsify(g, sizes, q=85.0, stream=None):
         survive): convert explicitly with ``g.astype(numpy.float32)``.
     sizes: host sequence of positive ints summing to n, the segment lengths.
     q: percentile, 0 < q < 100 (taken as a Python float).
-    stream: CuPy stream for the GPU path (default: the current stream);
-        the kernels are queued on it and the host waits for it once (to
-        size the output). Ignored for NumPy input.
+    stream: CuPy stream for the GPU path (default: the current stream).
+        Ignored for NumPy input.
 
     Returns a :class:`CSR` of shape (rows, n) on g's device: ``indptr``
     int64 (rows + 1,), ``indices`` int32 ascending within each row, ``data``
     float32 (the signed values of g). CPU and GPU results are identical.
     Raises GradnetError for bad arguments and for NaN or Inf in g.
+
+    Host waits (CuPy input). Every device operation is queued on
+    ``stream``; the host waits for it exactly once, at the end, to read the
+    kept count and the NaN/Inf flag in one copy (:meth:`PendingCSR.result`).
+    The first call with given ``sizes`` on a device also waits once for the
+    upload of the segment offsets (``_cuda.device_constant``), before any
+    kernel. :func:`percentile_sparsify_async` is the same without the final
+    wait (for a CUDA graph capture).
+    """
+    pending = percentile_sparsify_async(g, sizes, q, stream)
+    return pending.result()
+
+
+def percentile_sparsify_async(g, sizes, q=85.0, stream=None):
+    """:func:`percentile_sparsify` up to its final host wait: queues the
+    kernels on ``stream`` (default: the current one) and returns a
+    :class:`PendingCSR`, whose :meth:`~PendingCSR.result` waits and returns
+    the CSR (or raises the NaN/Inf error). Nothing here waits for the
+    device, except the first call with given ``sizes`` on a device (the
+    upload of the segment offsets), so after such a warm-up call it can be
+    captured in a CUDA graph; the graph's replays rewrite the arrays of the
+    PendingCSR captured with it. NumPy input: computed at once.
     """
     xp = _check_g(g)
     starts = segment_offsets(sizes, g.shape[1])
     quantile = check_q(q) / 100.0
     if xp is np:
-        return _sparsify_numpy(g, starts, quantile)
-    from gradnet_cupy.kernels._cuda import launcher
-
+        result = _sparsify_numpy(g, starts, quantile)
+        return PendingCSR(result.indptr, result.indices, result.data,
+                          result.shape, np.zeros(1, dtype=np.int32))
     with stream if stream is not None else contextlib.nullcontext():
-        return sparsify_launch_sequence(g, starts, quantile,
-                                        launcher(CUDA_SOURCE), xp, GPU_BLOCK)
+        return sparsify_launches(g, starts, quantile, launcher(CUDA_SOURCE),
+                                 xp, GPU_BLOCK)
+
+
+class PendingCSR:
+    """The output of :func:`percentile_sparsify_async` before the host has
+    looked at it: ``indptr`` int64 (rows + 1,) (final), ``indices`` int32 and
+    ``data`` float32 of :func:`kept_capacity` entries (the first
+    ``indptr[-1]`` of them are the CSR's), ``shape`` (rows, n), ``bad``
+    int32 (1,) (nonzero when g had NaN or Inf), all on g's device, and
+    ``stream``, the CuPy stream the kernels were queued on (None for NumPy).
+    """
+
+    def __init__(self, indptr, indices, data, shape, bad, stream=None):
+        self.indptr, self.indices, self.data = indptr, indices, data
+        self.shape, self.bad, self.stream = shape, bad, stream
+
+    def result(self, stream=None):
+        """The :class:`CSR` (``indices`` and ``data`` views of the first nnz
+        entries). Reads nnz and the NaN/Inf flag in one copy on ``stream``
+        (default: the stream of the kernels), the one host wait; raises
+        GradnetError when g had NaN or Inf."""
+        xp = get_array_module(self.indptr)
+        stream = stream if stream is not None else self.stream
+        with stream if stream is not None else contextlib.nullcontext():
+            nnz, flag = to_numpy(xp.stack(
+                (self.indptr[-1], self.bad[0].astype(np.int64)))).tolist()
+        if flag:
+            raise GradnetError(NONFINITE_MESSAGE)
+        if not 0 <= nnz <= self.indices.shape[0]:
+            raise RuntimeError(f'percentile_select counted {nnz} entries to '
+                               f'keep, over the bound '
+                               f'{self.indices.shape[0]}: a kernel fault')
+        return CSR(self.indptr, self.indices[:nnz], self.data[:nnz],
+                   self.shape)
 
 
 def check_q(q):
@@ -135,6 +193,28 @@ def percentile_ranks(m, quantile):
         return m - 1, m - 1, 0.0
     lo = int(virtual_index)
     return lo, lo + 1, virtual_index - lo
+
+
+def kept_capacity(starts, quantile):
+    """The most entries one row can keep: the sum over the segments of
+    ``m - 1 - lo``, with ``lo`` from :func:`percentile_ranks` of the
+    segment's length ``m``. starts: (n_seg + 1,) segment offsets; quantile
+    = q / 100.
+
+    Why it is a bound. Let a <= b be the lo-th and hi-th smallest
+    magnitudes (ranks from 0). An entry is kept iff its magnitude exceeds
+    the bound (module docstring), which is a or b, so at least a. The lo + 1
+    smallest magnitudes (ranks 0 .. lo) are all <= a, so none of them is
+    kept, and at most m - (lo + 1) entries of the segment are. The kernels
+    count on float32 bit patterns as integers (sparsify.cu) and rank them
+    the same way, NaN and Inf included, and compute lo by the same float64
+    product and truncation, so the bound holds for their counts too, on any
+    input. It is reached when the magnitudes above a are distinct from a;
+    ties at a keep fewer. When (m - 1) * quantile >= m - 1, lo = m - 1 and
+    the segment keeps nothing.
+    """
+    lengths = np.diff(np.asarray(starts, dtype=np.int64)).tolist()
+    return sum(m - 1 - percentile_ranks(m, quantile)[0] for m in lengths)
 
 
 def interpolate(a, b, gamma):
@@ -200,45 +280,50 @@ def _keep_above(magnitude, quantile):
 
 def sparsify_launch_sequence(g, starts, quantile, launch, xp, block):
     """The host side of the CUDA path, shared by the CuPy path and the CPU
-    emulation (tests/cuda_emulation).
+    emulation (tests/cuda_emulation): :func:`sparsify_launches`, then its
+    one host wait. Returns the CSR (``xp`` arrays); GradnetError when g has
+    NaN or Inf."""
+    return sparsify_launches(g, starts, quantile, launch, xp, block).result()
+
+
+def sparsify_launches(g, starts, quantile, launch, xp, block):
+    """Queues the kernels of the CUDA path on the current stream, without a
+    host wait (but for the first upload of ``starts`` to a device, see
+    ``_cuda.device_constant``).
 
     g: (rows, n) float32 array of module ``xp``; starts: (n_seg + 1,) int64
-    segment offsets (NumPy or ``xp``); quantile = q / 100 (checked);
+    host segment offsets; quantile = q / 100 (checked);
     launch(name, grid, block, shared_mem, args) runs a kernel of
     ``sparsify.cu``; block: threads per block, a power of two <= 1024.
-    Returns the CSR (``xp`` arrays); GradnetError when g has NaN or Inf.
+    The output arrays are allocated at the bound :func:`kept_capacity` per
+    row, which the host knows without looking at g. Returns a
+    :class:`PendingCSR`.
     """
     if block & (block - 1) or not 0 < block <= 1024:
         raise ValueError(f'block must be a power of two <= 1024, got {block}')
     g = xp.ascontiguousarray(g)
-    starts = xp.asarray(starts)
+    starts = to_numpy(starts).astype(np.int64)
     rows, n = g.shape
     n_seg = starts.shape[0] - 1
     tasks = rows * n_seg  # one block per (row, segment), row-major
+    capacity = rows * kept_capacity(starts, quantile)
     indptr = xp.zeros(rows + 1, dtype=xp.int64)
-    if tasks == 0:
-        return CSR(indptr, xp.empty(0, dtype=xp.int32),
-                   xp.empty(0, dtype=xp.float32), (rows, n))
-    keep_above = xp.empty(tasks, dtype=xp.uint32)
-    counts = xp.empty(tasks, dtype=xp.int64)
+    indices = xp.empty(capacity, dtype=xp.int32)
+    data = xp.empty(capacity, dtype=xp.float32)
     bad = xp.zeros(1, dtype=xp.int32)
-    layout = (g, np.int64(n), starts, np.int32(n_seg))
-    launch('percentile_select', (tasks,), (block,), 0,
-           layout + (np.float64(quantile), keep_above, counts, bad))
-    ends = xp.cumsum(counts)
-    nnz, flag = to_numpy(xp.concatenate((ends[-1:], bad.astype(xp.int64))))
-    if flag:
-        raise GradnetError(NONFINITE_MESSAGE)
-    if not 0 <= nnz <= g.size:
-        raise RuntimeError(f'percentile_select counted {nnz} entries to keep '
-                           f'out of {g.size}: a kernel fault')
-    indices = xp.empty(int(nnz), dtype=xp.int32)
-    data = xp.empty(int(nnz), dtype=xp.float32)
-    if nnz:
-        launch('percentile_compact', (tasks,), (block,), 0,
-               layout + (keep_above, ends, indices, data))
-    indptr[1:] = ends[n_seg - 1::n_seg]
-    return CSR(indptr, indices, data, (rows, n))
+    stream = None if xp is np else xp.cuda.get_current_stream()
+    if tasks:
+        keep_above = xp.empty(tasks, dtype=xp.uint32)
+        counts = xp.empty(tasks, dtype=xp.int64)
+        layout = (g, np.int64(n), device_constant(starts, xp), np.int32(n_seg))
+        launch('percentile_select', (tasks,), (block,), 0,
+               layout + (np.float64(quantile), keep_above, counts, bad))
+        ends = xp.cumsum(counts)
+        if capacity:
+            launch('percentile_compact', (tasks,), (block,), 0,
+                   layout + (keep_above, ends, indices, data))
+        indptr[1:] = ends[n_seg - 1::n_seg]
+    return PendingCSR(indptr, indices, data, (rows, n), bad, stream)
 
 
 def gather_fixed(g, index_sets, candidates, stream=None):

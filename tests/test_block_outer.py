@@ -123,6 +123,66 @@ def test_kernel_touches_only_selected_blocks(backend, rng):
         np.testing.assert_allclose(G[part], want, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.backends('emulated', 'cupy')
+@pytest.mark.parametrize('dtype', [np.float64, np.float32])
+def test_threads_per_group_change_no_bit(backend, rng, dtype, monkeypatch):
+    """block_outer.cu sums each entry in an order that does not depend on
+    the threads per group, so the launch's choice (64 for double, set by
+    the occupancy budget of tests/test_kernel_resources.py) changes no bit:
+    32 and 64 threads per group give identical G."""
+    csr, _ = random_csr(rng, 70, 112, 0.4)
+    blocks = tile_blocks()
+    weights = rng.random(70).astype(np.float32)
+    start = rng.standard_normal(blocks.packed_size).astype(dtype)
+    name, _ = block_outer.CUDA_KERNELS[np.dtype(dtype)]
+    groups = int(name.rstrip('>').split(',')[1])
+    runs = []
+    for per_group in (32, 64):
+        monkeypatch.setitem(block_outer.CUDA_KERNELS, np.dtype(dtype),
+                            (name, groups * per_group))
+        runs.append(backend.sparse_kernel(csr, blocks, start, weights,
+                                          np.ones(len(blocks), dtype=bool)))
+    assert np.array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize('dtype', [np.float64, np.float16, np.int32])
+def test_weights_must_be_float32(rng, dtype):
+    """No silent cast (issue #20): float64 weights would be rounded."""
+    csr, _ = random_csr(rng, 4, 10, 0.5)
+    blocks = Blocks.contiguous([4, 6])
+    with pytest.raises(GradnetError, match=f'weights must be float32, got '
+                       f'{np.dtype(dtype).name}: convert explicitly'):
+        block_outer_accumulate(csr, blocks, np.zeros(blocks.packed_size),
+                               np.ones(4, dtype=dtype))
+
+
+def test_validation_is_one_host_read_and_optional(rng, monkeypatch):
+    """check_csr reads its flags back once; validate=False skips the
+    contents (not the layout) and gives the same sums."""
+    from gradnet_cupy.kernels import csr as csr_module
+
+    csr, dense = random_csr(rng, 20, 60, 0.3)
+    blocks = Blocks.contiguous([20, 40])
+    reads = []
+
+    def counting(array):
+        reads.append(array)
+        return np.asarray(array)
+    monkeypatch.setattr(csr_module, 'to_numpy', counting)
+    sums = []
+    for validate in (True, False):
+        G = np.zeros(blocks.packed_size)
+        block_outer_accumulate(csr, blocks, G, validate=validate)
+        sums.append(G)
+    assert len(reads) == 1 and reads[0].shape == (3,)
+    assert np.array_equal(sums[0], sums[1])
+    np.testing.assert_allclose(sums[0], oracle(dense, blocks), rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(GradnetError, match='data must be float32'):
+        block_outer_accumulate(csr._replace(data=csr.data.astype(np.float64)),
+                               blocks, G, validate=False)
+
+
 def test_tile_list_covers_upper_triangles():
     blocks = tile_blocks()
     block, row, col = tile_list(blocks, np.ones(len(blocks), dtype=bool))

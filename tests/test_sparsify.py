@@ -16,7 +16,9 @@ from hypothesis.extra import numpy as hnp
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import (CSR, fixed_index_sets, gather_fixed,
                                   percentile_sparsify)
-from gradnet_cupy.kernels.sparsify import GPU_BLOCK
+from gradnet_cupy.kernels.sparsify import (GPU_BLOCK, kept_capacity,
+                                           percentile_sparsify_async,
+                                           segment_offsets, sparsify_launches)
 from kernel_backends import per_tier
 from sparsify_cases import (HARD_CASE_NAMES, NONFINITE, TINY,
                             assert_csr_identical, hard_case, with_nonfinite)
@@ -202,6 +204,59 @@ def test_generated_problems_match_oracle(backend):
         assert_sparsify_exact(backend, g, sizes, q, block)
 
     check()
+
+
+def test_mostly_zero_segments(backend, rng):
+    """Segments of 85%, 90% and 100% exact zeros: at q = 85 and above the
+    percentile is 0 or interpolates from 0, so exactly the nonzeros (or the
+    ones above the interpolated threshold) survive."""
+    sizes = [200, 100, 20, 7]
+    g = rng.standard_normal((4, sum(sizes))).astype(np.float32)
+    zero = rng.random(g.shape) < np.repeat([0.85, 0.9, 1.0, 0.9], sizes)
+    g[zero] = 0
+    g[1, :170] = 0                        # exactly 85% of segment 0
+    g[1, 170:200] = rng.standard_normal(30)
+    for q in (50.0, 85.0, 90.0, 97.0):
+        assert_sparsify_exact(backend, g, sizes, q)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_problems(4, 4))
+def test_kept_entries_stay_within_the_capacity(problem):
+    """The output bound the CUDA path allocates (kept_capacity, proved in
+    its docstring): no row keeps more, and a segment of distinct magnitudes
+    with a threshold below b keeps exactly m - 1 - lo."""
+    g, sizes, q, _ = problem
+    starts = segment_offsets(sizes, g.shape[1])
+    per_row = np.diff(percentile_sparsify(g, sizes, q).indptr)
+    assert (per_row <= kept_capacity(starts, q / 100)).all()
+
+
+def test_capacity_is_reached_by_distinct_magnitudes():
+    g = np.arange(1, 201, dtype=np.float32).reshape(2, 100)
+    starts = segment_offsets([100], 100)
+    assert kept_capacity(starts, 0.85) == 15
+    result = percentile_sparsify(g, [100], 85.0)
+    np.testing.assert_array_equal(result.indptr, [0, 15, 30])
+    assert kept_capacity(segment_offsets([1, 5, 10], 16), 0.5) == 0 + 2 + 5
+
+
+def test_async_form_gives_the_same_csr(backend, rng):
+    """percentile_sparsify_async(...).result() is percentile_sparsify (the
+    emulated tier: sparsify_launches, its CUDA path); the pending arrays of
+    the CUDA path hold the capacity, the result views their first nnz."""
+    sizes = [30, 70]
+    g = rng.standard_normal((5, 100)).astype(np.float32)
+    starts = segment_offsets(sizes, 100)
+    if backend.name == 'emulated':
+        pending = sparsify_launches(g, starts, 0.8,
+                                    backend.launcher('sparsify.cu'), np, 32)
+    else:
+        pending = percentile_sparsify_async(backend.array(g), sizes, 80.0)
+    result = backend.host_csr(pending.result())
+    assert_csr_identical(result, oracle(g, sizes, 80.0))
+    if backend.name != 'numpy':
+        assert pending.indices.shape == (5 * kept_capacity(starts, 0.8),)
 
 
 @pytest.mark.parametrize('q', [0, 100, -1, 100.5, float('nan'), '85', True, None])

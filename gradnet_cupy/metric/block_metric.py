@@ -86,7 +86,7 @@ class BlockMetric:
     def accumulate(self, csr, weights=None, method='auto'):
         """Adds ``sum_i w_i t_i[b] t_i[b]^T`` of a CSR batch to ``G``.
 
-        ``weights``: float (rows,) of the batch's module, default ones.
+        ``weights``: float32 (rows,) of the batch's module, default ones.
         ``method``: see :func:`block_outer_accumulate`. Returns self.
         """
         block_outer_accumulate(csr, self.blocks, self.G, weights,
