@@ -5,13 +5,13 @@ behind a guard Chainer has (tests/chainer_cupy_audit.py). Without CuPy and
 the cuBLAS wheel the tests are skipped, and fail when CI is set."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from chainer_cupy_audit import REVIEWED, audit, reviewed, summary, unguarded
+from cuda_emulation import skip_or_fail
 
 
 def require_cupy_with_cublas():
@@ -27,9 +27,7 @@ def require_cupy_with_cublas():
         except Exception as error:  # DynamicLibNotFoundError, ImportError
             reason = f'cuBLAS not found (the nvidia-cublas-cu12 wheel): {error}'
     if reason:
-        if os.environ.get('CI'):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 @pytest.fixture(scope='module')
