@@ -31,12 +31,11 @@ import pytest
 
 from cuda_emulation import skip_or_fail
 
-from gradnet_cupy.kernels import block_outer
 from gradnet_cupy.kernels._cuda import DEFAULT_OPTIONS, read_source
 
-from test_cuda_compile import SOURCES
+# the sources and the name expressions the wrappers use (as for nvcc)
+from test_cuda_compile import NAME_EXPRESSIONS, SOURCES
 
-NAME_EXPRESSIONS = {block_outer.CUDA_SOURCE: block_outer.CUDA_NAME_EXPRESSIONS}
 ARCHS = ['compute_80', 'compute_90', 'sm_80', 'sm_90']
 
 
