@@ -32,7 +32,12 @@ setup(
     ],
     extras_require={
         'gpu': ['cupy-cuda12x'],
-        'test': ['pytest', 'hypothesis', 'anndata'],
+        # cupy-cuda12x + the NVRTC wheel: tests/test_nvrtc_compile.py
+        # compiles kernels/*.cu through CuPy's own NVRTC binding (no GPU or
+        # driver needed); the cuBLAS wheel lets Chainer's CUDA backend import
+        # (tests/test_chainer_cupy.py). See docs/kernels.rst, test tiers.
+        'test': ['pytest', 'hypothesis', 'anndata', 'cupy-cuda12x',
+                 'nvidia-cuda-nvrtc-cu12', 'nvidia-cublas-cu12'],
     },
     entry_points={'console_scripts': ['gradnet-cupy = gradnet_cupy.cli:main']},
 )

@@ -10,11 +10,27 @@ time it touches three things that may be gone:
   used by the same check to warn about optional dependency versions.
 
 :func:`_install_shims` puts minimal stand-ins in place, and only where the
-real thing is missing, before ``chainer`` is imported. Every other module of
-gradnet_cupy imports Chainer from here::
+real thing is missing, before ``chainer`` is imported.
+
+With CuPy installed, Chainer's CUDA backend imports it (``chainer.backends.
+cuda.available`` is True where ``cupy.cuda.cublas`` loads, GPU or not).
+CuPy 14 dropped cuDNN (``cupy.cudnn``, ``cupy.cuda.cudnn``): Chainer then
+runs with ``cudnn_enabled = False``, and every use of those names is behind
+a guard Chainer has (tests/test_chainer_cupy.py audits that; the list is in
+bench/results/chainer-cupy-audit.json). No alias is needed (``cupy.util`` is
+only Chainer's fallback when ``cupy._util`` is missing). Importing Chainer
+there prints two warnings that do not apply: "cuDNN is not enabled. Please
+reinstall CuPy after you install cudnn" (no CuPy 14 has cuDNN), and CuPy's
+"nccl library could not be loaded" (Chainer's multi-GPU updater imports
+``cupy.cuda.nccl``; gradnet_cupy uses no NCCL). :func:`_quiet_cupy_warnings`
+silences those two during the import of Chainer, the cuDNN one only where
+CuPy has no cuDNN module.
+
+Every other module of gradnet_cupy imports Chainer from here::
 
     from gradnet_cupy.chainer_compat import chainer, F, L
 """
+import importlib.util
 import sys
 import types
 import warnings
@@ -82,11 +98,28 @@ def _install_shims():
         sys.modules['pkg_resources'] = _stub_pkg_resources()
 
 
+def _quiet_cupy_warnings():
+    """Ignores, in the current warnings context, the two start-up warnings
+    that CuPy >= 14 makes Chainer print (see the module docstring)."""
+    if importlib.util.find_spec('cupy') is None:
+        return
+    try:
+        has_cudnn = importlib.util.find_spec('cupy.cudnn') is not None
+    except Exception:  # a CuPy that fails to import: Chainer reports it
+        return
+    if not has_cudnn:
+        warnings.filterwarnings('ignore', message='cuDNN is not enabled',
+                                category=UserWarning)
+    warnings.filterwarnings('ignore', message=r'\s*nccl library could not be loaded',
+                            category=UserWarning)
+
+
 with warnings.catch_warnings():
     # numpy.distutils (Python < 3.12) and pkg_resources warn that they are
     # deprecated when imported; Chainer's start-up check imports both.
     warnings.simplefilter('ignore', DeprecationWarning)
     _install_shims()
+    _quiet_cupy_warnings()
     import chainer
     import chainer.functions as F
     import chainer.links as L

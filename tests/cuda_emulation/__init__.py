@@ -6,22 +6,25 @@ import shutil
 
 import pytest
 
-from .emulator import EmulatedModule, EmulationError, kernel_names
+from .emulator import EmulatedModule, EmulationError, GlobalTraffic, kernel_names
 
-__all__ = ['EmulatedModule', 'EmulationError', 'kernel_names',
-           'package_module', 'require_tool']
+__all__ = ['EmulatedModule', 'EmulationError', 'GlobalTraffic', 'kernel_names',
+           'package_module', 'require_tool', 'skip_or_fail']
+
+
+def skip_or_fail(reason):
+    """Fails the calling test when the environment variable CI is set (CI
+    must run every tier), skips it otherwise."""
+    if os.environ.get('CI'):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def require_tool(name):
-    """The path of the executable ``name``. Without it the calling test
-    fails when the environment variable CI is set, and is skipped
-    otherwise."""
+    """The path of the executable ``name``; without it, skip_or_fail."""
     path = shutil.which(name)
     if path is None:
-        message = f'{name} is not on PATH'
-        if os.environ.get('CI'):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f'{name} is not on PATH')
     return path
 
 
