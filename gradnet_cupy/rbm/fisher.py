@@ -173,8 +173,18 @@ class DiagonalFisher:
 
     @classmethod
     def fit(cls, scores, damping=1e-3):
-        s = to_numpy(scores).astype(np.float64)
-        second = (s * s).mean(axis=0)
+        """Fit on training scores: an array (n, n_params) or an iterable of
+        such chunks (one pass, any array module)."""
+        if hasattr(scores, 'shape'):
+            scores = [scores]
+        total, rows = 0.0, 0
+        for chunk in scores:
+            s = to_numpy(chunk).astype(np.float64)
+            total = total + (s * s).sum(axis=0)
+            rows += len(s)
+        if not rows:
+            raise GradnetError('no training scores to fit the Fisher scaling')
+        second = total / rows
         return cls(1 / np.sqrt(second + damping * second.mean()))
 
     def apply(self, scores):

@@ -446,12 +446,16 @@ class Objective:
         raise NotImplementedError
 
 
-def _check_batch_axis(z, x, what):
-    if not isinstance(z, chainer.Variable) or z.ndim < 1 or \
+def _check_output(z, x, ndim, what, hint):
+    """Raise unless ``z`` is a Variable of ``ndim`` axes, the first the
+    sample axis of ``x``; ``what``: the expected output, ``hint``: a
+    phrase appended to the message."""
+    if not isinstance(z, chainer.Variable) or z.ndim != ndim or \
             z.shape[0] != len(x):
         raise GradnetError(
             f'the model must return {what} for x of shape '
-            f'{tuple(x.shape)}; it returned {getattr(z, "shape", type(z))}')
+            f'{tuple(x.shape)}; it returned '
+            f'{getattr(z, "shape", type(z))} ({hint})')
 
 
 class CrossEntropy(Objective):
@@ -462,14 +466,9 @@ class CrossEntropy(Objective):
     uses_candidates = True
 
     def check_output(self, z, x):
-        _check_batch_axis(z, x, 'logits of shape (n_samples, n_classes)')
-        if z.ndim != 2:
-            raise GradnetError(
-                f'objective {self.name!r} needs a model returning logits of '
-                f'shape (n_samples, n_classes) for x of shape '
-                f'{tuple(x.shape)}; it returned {z.shape} (an unsupervised '
-                'model such as an RBM needs its own objective, e.g. '
-                'free-energy)')
+        _check_output(z, x, 2, 'logits of shape (n_samples, n_classes)',
+                      f'objective {self.name!r}; an unsupervised model such '
+                      'as an RBM needs its own objective, e.g. free-energy')
 
     def seeds(self, z, candidates):
         p = _softmax(z)
@@ -496,13 +495,9 @@ class OutputSum(Objective):
         self.name = name
 
     def check_output(self, z, x):
-        _check_batch_axis(z, x, 'one scalar per sample, shape (n_samples,)')
-        if z.ndim != 1:
-            raise GradnetError(
-                f'objective {self.name!r} needs a model returning one scalar '
-                f'per sample, shape (n_samples,), e.g. an RBM\'s free energy; '
-                f'the model returned shape {z.shape} (a classifier: use the '
-                'cross-entropy objective)')
+        _check_output(z, x, 1, 'one scalar per sample, shape (n_samples,)',
+                      f'objective {self.name!r}, e.g. an RBM\'s free energy; '
+                      'for a classifier use the cross-entropy objective')
 
     def seeds(self, z, candidates):
         xp = get_array_module(z)
