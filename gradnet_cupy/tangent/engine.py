@@ -6,7 +6,9 @@ to the per-layer rules, and cut the work into chunks, threads and the
 per-sample fallback loop. Public: :func:`tangent_features`,
 :func:`iter_tangent_features`, :func:`logit_jacobian`,
 :func:`iter_logit_jacobian`, :class:`TangentBatch`,
-:class:`TangentFallbackWarning`, ``CANDIDATE_MODES``, ``MAX_BYTES``.
+:class:`TangentFallbackWarning`, ``CANDIDATE_MODES``, ``MAX_BYTES``, and
+the per-sample objectives: :class:`Objective`, :class:`CrossEntropy`
+(:data:`CROSS_ENTROPY`, the default), :class:`OutputSum` (unsupervised).
 
 Neighbours: :mod:`gradnet_cupy.tangent.layout` says which parameters fill
 which columns; :mod:`gradnet_cupy.tangent.rules` turns a link's recorded
@@ -23,7 +25,11 @@ samples do not interact, ``gy[i]`` is exactly sample ``i``'s output gradient.
 The rules (:mod:`~gradnet_cupy.tangent.rules`) turn ``(input, gy)`` into
 per-sample parameter gradients.
 
-The gradient of CE for candidate ``c`` w.r.t. the logits is
+The objective (an :class:`Objective`) gives the seeds: the per-row
+output gradients, one array per backward pass. An unsupervised objective
+(e.g. ``OutputSum('free-energy')``, the seed ones for a model returning one
+scalar per sample) needs one pass and gives one row per sample with
+candidate -1. The gradient of CE for candidate ``c`` w.r.t. the logits is
 ``g = softmax(z) - e_c``, so one forward serves every candidate: modes
 ``'true'``/``'random'``/explicit need one backward pass (each row its own
 ``g``), ``'all'`` needs C backward passes, pass ``c`` seeded with
