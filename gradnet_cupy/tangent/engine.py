@@ -419,9 +419,9 @@ class Objective:
     """A per-sample scalar objective ``l(z_i, c)`` of the model's output
     ``z`` (n, ...) whose parameter gradients are the tangent features.
 
-    Subclass it for another objective: set :attr:`name` and
-    :attr:`uses_candidates`, and implement :meth:`check_output` and
-    :meth:`seeds`. The engine runs one backward pass per seed; because the
+    Subclass it for another objective: set :attr:`name`,
+    :attr:`uses_candidates` and the expected output (:attr:`output_ndim`,
+    :attr:`output_description`), and implement :meth:`seeds`. The engine runs one backward pass per seed; because the
     objective is a sum of per-sample terms, row ``i`` of a seed is sample
     ``i``'s own output gradient ``d l(z_i, c) / d z_i``.
 
@@ -435,11 +435,24 @@ class Objective:
 
     name = 'objective'
     uses_candidates = False
+    output_ndim = 2
+    """Axes of the model output the objective is defined on (the first is
+    the sample axis)."""
+    output_description = 'logits of shape (n_samples, n_classes)'
+    output_hint = ''
+    """Appended to the error message of a mismatched output."""
 
     def check_output(self, z, x):
         """Raise :class:`GradnetError` unless ``z`` (the model's output on
-        ``x``, a Variable) is an output this objective is defined on."""
-        raise NotImplementedError
+        ``x``) is a Variable of :attr:`output_ndim` axes whose first is the
+        sample axis of ``x``. Override for other checks."""
+        if not isinstance(z, chainer.Variable) or \
+                z.ndim != self.output_ndim or z.shape[0] != len(x):
+            raise GradnetError(
+                f'the model must return {self.output_description} for x of '
+                f'shape {tuple(x.shape)}; it returned '
+                f'{getattr(z, "shape", type(z))} (objective {self.name!r}'
+                f'{self.output_hint})')
 
     def seeds(self, z, candidates):
         """Output gradients, one array per backward pass, each with
@@ -452,18 +465,6 @@ class Objective:
         raise NotImplementedError
 
 
-def _check_output(z, x, ndim, what, hint):
-    """Raise unless ``z`` is a Variable of ``ndim`` axes, the first the
-    sample axis of ``x``; ``what``: the expected output, ``hint``: a
-    phrase appended to the message."""
-    if not isinstance(z, chainer.Variable) or z.ndim != ndim or \
-            z.shape[0] != len(x):
-        raise GradnetError(
-            f'the model must return {what} for x of shape '
-            f'{tuple(x.shape)}; it returned '
-            f'{getattr(z, "shape", type(z))} ({hint})')
-
-
 class CrossEntropy(Objective):
     """Softmax cross-entropy of the logits (n, C) for a candidate label
     ``c``: the seed is ``softmax(z) - e_c`` (the default objective)."""
@@ -471,10 +472,8 @@ class CrossEntropy(Objective):
     name = 'cross-entropy'
     uses_candidates = True
 
-    def check_output(self, z, x):
-        _check_output(z, x, 2, 'logits of shape (n_samples, n_classes)',
-                      f'objective {self.name!r}; an unsupervised model such '
-                      'as an RBM needs its own objective, e.g. free-energy')
+    output_hint = ('; an unsupervised model such as an RBM needs its own '
+                   'objective, e.g. free-energy')
 
     def seeds(self, z, candidates):
         p = _softmax(z)
@@ -500,10 +499,10 @@ class OutputSum(Objective):
     def __init__(self, name='output'):
         self.name = name
 
-    def check_output(self, z, x):
-        _check_output(z, x, 1, 'one scalar per sample, shape (n_samples,)',
-                      f'objective {self.name!r}, e.g. an RBM\'s free energy; '
-                      'for a classifier use the cross-entropy objective')
+    output_ndim = 1
+    output_description = 'one scalar per sample, shape (n_samples,)'
+    output_hint = ', e.g. an RBM\'s free energy; for a classifier use the ' \
+        'cross-entropy objective'
 
     def seeds(self, z, candidates):
         xp = get_array_module(z)
