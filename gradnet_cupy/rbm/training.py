@@ -73,11 +73,11 @@ def reconstruction_error(rbm, v):
 
 
 def train_rbm(rbm, v, epochs=10, batch=20, lr=0.05, momentum=0.5, k=1,
-              persistent=False, seed=0, weight_decay=0.0, max_steps=None):
+              persistent=False, seed=0, weight_decay=0.0):
     """Train ``rbm`` in place by CD-k on binary data ``v`` (N, V) (same array
     module as the model); minibatches shuffled per epoch from ``seed``;
-    MomentumSGD(lr, momentum); ``max_steps`` stops early (e.g. a short
-    "initialization" run). Returns the history: one dict per epoch
+    MomentumSGD(lr, momentum), optional weight decay; the last partial
+    batch of an epoch is dropped. Returns the history: one dict per epoch
     (epoch, steps, reconstruction error)."""
     if k < 1 or batch < 1 or epochs < 0:
         raise GradnetError(f'CD needs k >= 1, batch >= 1, epochs >= 0; got '
@@ -103,8 +103,6 @@ def train_rbm(rbm, v, epochs=10, batch=20, lr=0.05, momentum=0.5, k=1,
     for epoch in range(1, epochs + 1):
         order = xp.asarray(order_rng.permutation(len(v)))
         for start in range(0, len(v) - batch + 1, batch):
-            if max_steps is not None and steps >= max_steps:
-                break
             vb = v[order[start:start + batch]]
             uniforms = draw_uniforms(random, k, batch, rbm.n_visible,
                                      rbm.n_hidden, vb.dtype)
@@ -114,6 +112,4 @@ def train_rbm(rbm, v, epochs=10, batch=20, lr=0.05, momentum=0.5, k=1,
             steps += 1
         history.append({'epoch': epoch, 'steps': steps,
                         'reconstruction_error': reconstruction_error(rbm, v)})
-        if max_steps is not None and steps >= max_steps:
-            break
     return history
