@@ -37,7 +37,6 @@ import numpy as np
 import scipy.sparse
 
 from gradnet_cupy import gradnet
-from gradnet_cupy.backend import to_numpy
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.kernels import CSR, percentile_sparsify
 from gradnet_cupy.normalize import (
