@@ -23,9 +23,16 @@ candidates, so 1280 rows of one sample and one candidate each), in one run:
   2-thread and a 1-thread computation are not comparable; work per
   CPU-second is.
 
+RBM rows (``--models ...,rbm16,rbm64``): a Bernoulli RBM with 784 visible
+and 16 or 64 hidden units (gradnet_cupy.rbm, seed 0), ``--batch`` random
+binary samples, one row each (the free-energy objective, columns W, c, b):
+rows/s of the batched engine against a per-sample autograd loop of the
+same gradients, in the same run.
+
 Writes bench/results/tangent-<device>.json. Runs unchanged on a GPU (CuPy).
 
     python bench/bench_tangent.py [--device auto|cpu|gpu] [--loop-rows 64]
+        [--models cnn,mlp,rbm16,rbm64]
 
 The models are gradnet_cupy.models' ``cnn`` and ``mlp`` (seed 0).
 """
@@ -43,6 +50,7 @@ from common import best_cpu_time, best_time, device_name, result_path
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.models import build_model, model_to_device
+from gradnet_cupy.rbm import FREE_ENERGY, RBM, rbm_layout
 from gradnet_cupy.tangent import (
     iter_tangent_features, parameter_layout, tangent_features)
 
@@ -255,6 +263,51 @@ def bench_model(kind, xp, batch, n_loop, repeats):
     return result
 
 
+def rbm_loop_rows(rbm, layout, v, xp):
+    """Per-sample autograd loop of grad F(v): per sample cleargrads, the
+    forward of the one sample, backward, copy of the selected grads."""
+    by_path = dict(rbm.namedlinks())
+    params = [getattr(by_path[e.path], e.name) for e in layout.entries]
+    out = xp.empty((len(v), layout.n_params), xp.float32)
+    with chainer.using_config('train', False):
+        for r in range(len(v)):
+            rbm.cleargrads()
+            F.sum(rbm(v[r:r + 1])).backward()
+            for e, p in zip(layout.entries, params):
+                out[r, e.offset:e.offset + e.size] = p.grad.reshape(-1)
+    return out
+
+
+def bench_rbm(n_hidden, xp, batch, n_loop, repeats):
+    """Rows/s of the RBM's per-sample free-energy gradients (W, c, b;
+    784 binary visible units): batched engine against the loop."""
+    rbm = model_to_device(RBM(784, n_hidden, seed=0),
+                          'cpu' if xp is np else 'gpu')
+    v = xp.asarray((np.random.default_rng(0).uniform(size=(batch, 784))
+                    < 0.3).astype(np.float32))
+    layout = rbm_layout(rbm)
+
+    def consume_chunks():
+        for chunk in iter_tangent_features(rbm, v, objective=FREE_ENERGY,
+                                           layout=layout, reuse_buffer=True):
+            pass
+
+    t_batched = best_time(consume_chunks, xp, repeats)
+    n_loop = min(n_loop, batch)
+    t_loop = best_time(lambda: rbm_loop_rows(rbm, layout, v[:n_loop], xp),
+                       xp, max(1, repeats // 2))
+    batched = tangent_features(rbm, v, objective=FREE_ENERGY,
+                               layout=layout).features
+    looped = rbm_loop_rows(rbm, layout, v[:n_loop], xp)
+    return {
+        'n_params': layout.n_params, 'rows': batch,
+        'batched_rows_per_s': batch / t_batched,
+        'loop_rows_timed': n_loop, 'loop_rows_per_s': n_loop / t_loop,
+        'speedup_vs_loop': (batch / t_batched) / (n_loop / t_loop),
+        'max_rel_err_vs_loop': float(xp.abs(batched[:n_loop] - looped).max()
+                                     / xp.abs(looped).max())}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='auto')
@@ -263,6 +316,8 @@ def main():
                         help='rows timed in the per-sample loop (default: '
                         '64 on CPU, 1280 on GPU)')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--models', default='cnn,mlp,rbm16,rbm64',
+                        help='comma-separated: cnn, mlp, rbm<hidden units>')
     parser.add_argument('--out', default=None)
     args = parser.parse_args()
     device = backend.resolve_device(args.device)
@@ -290,7 +345,11 @@ def main():
         'copy_bytes_per_s_touched': copy_touched,
         'copy_bytes_per_s_fresh': copy_fresh,
     }
-    for kind in ('cnn', 'mlp'):
+    for kind in args.models.split(','):
+        if kind.startswith('rbm'):
+            report[kind] = bench_rbm(int(kind[3:]), xp, args.batch, n_loop,
+                                     args.repeats)
+            continue
         r = bench_model(kind, xp, args.batch, n_loop, args.repeats)
         r['wgrad_flops_over_gemm'] = r['batched_wgrad_flops'] / gemm
         r['bytes_over_copy_touched'] = r['batched_bytes_per_s'] / copy_touched

@@ -25,6 +25,9 @@ from gradnet_cupy.extract import (
 from gradnet_cupy.models import MODELS, build_model, model_to_device
 from gradnet_cupy.metric import PARTITIONS
 from gradnet_cupy.normalize import NORMALIZATIONS, normalizer_class
+from gradnet_cupy.rbm.commands import COMMANDS as RBM_COMMANDS, \
+    rbm_extraction
+from gradnet_cupy.rbm.fisher import OBJECTIVES, check_objective_for
 from gradnet_cupy.options import (
     MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
 from gradnet_cupy.store import (
@@ -127,8 +130,9 @@ base_model_options = option_group(
     click.option('--model', 'snapshot', required=True,
                  type=click.Path(exists=True, dir_okay=False),
                  help='Base network snapshot (train-base writes them).'),
-    click.option('--arch', type=click.Choice(list(MODELS)), default='cnn',
-                 show_default=True, help='Architecture of the snapshot.'),
+    click.option('--arch', type=click.Choice(list(MODELS) + ['rbm']),
+                 default='cnn', show_default=True,
+                 help='Architecture of the snapshot (rbm: train-rbm).'),
     click.option('--q', type=float, default=85.0, show_default=True,
                  help='Per-layer sparsification percentile, in (0, 100).'))
 
@@ -212,10 +216,18 @@ def load_base_model(snapshot, arch, data, device):
                    '--normalize metric with this store as --train then '
                    'skips its own pass over the store.')
 @metric_block_options
+@click.option('--objective', type=click.Choice(list(OBJECTIVES)),
+              default='cross-entropy', show_default=True,
+              help='Per-sample objective differentiated: cross-entropy of a '
+                   'candidate label (classifiers) or free-energy (--arch '
+                   'rbm: centred Fisher scores, one row per sample).')
+@click.option('--binarize', 'threshold', type=float, default=None,
+              help='With --arch rbm: visible unit = 1 where the image value '
+                   'exceeds this.')
 @common_options
 def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
             out, shard, batch, compression, normalize, metric_partition,
-            metric_max_block, device, seed, as_json):
+            metric_max_block, objective, threshold, device, seed, as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
@@ -224,7 +236,13 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
     options = NormalizeOptions(normalize, metric=MetricOptions(
         metric_partition, metric_max_block))
     data = load_dataset(dataset, data_dir, subset)
-    model, layout = load_base_model(snapshot, arch, data, device)
+    transform, features_map = data.eval_transform, None
+    if arch == 'rbm':
+        model, layout, transform, features_map = rbm_extraction(
+            snapshot, data, device, threshold, seed)
+    else:
+        model, layout = load_base_model(snapshot, arch, data, device)
+    check_objective_for(model, OBJECTIVES[objective])
     metric = normalizer_class(normalize).extraction_accumulator(
         layout, options, device)
     provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
@@ -232,8 +250,9 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
     summary = extract_to_store(
         model, layout, getattr(data, split), data.n_classes, out, provenance,
         candidates=candidates, q=q, shard=parse_shard(shard), seed=seed,
-        device=device, transform=data.eval_transform, batch=batch,
-        progress=not as_json, compression=compression, metric=metric)
+        device=device, transform=transform, batch=batch,
+        progress=not as_json, compression=compression, metric=metric,
+        objective=OBJECTIVES[objective], features_map=features_map)
     report(as_json, summary,
            f"{summary['rows']} rows x {summary['n_columns']} columns, "
            f"density {summary['density']:.4f}, in {summary['path']}"
@@ -291,7 +310,8 @@ def parse_hidden(text):
               help='Metric damping, relative to each block\'s mean '
                    'diagonal.')
 @click.option('--hidden', default=None,
-              help='Hidden units per block, e.g. 5,100,25.')
+              help='Hidden units per block, e.g. 5,100,25; 0: no hidden '
+                   'layer (a linear classifier, logistic regression).')
 @click.option('--hidden-total', type=int, default=130, show_default=True,
               help='Without --hidden: this many units in proportion to the '
                    'block sizes.')
@@ -435,3 +455,16 @@ def demo(base_epochs, epochs, out, device, seed, as_json):
            f"test digits): base CNN after {summary['base_epochs']} epoch(s) "
            f"{summary['base_test_accuracy']:.4f}, GradNet after {epochs} "
            f"epoch(s) {summary['gradnet_test_accuracy']:.4f}")
+
+
+def _reporting(command):
+    """``command`` returning ``(summary, line)`` as a command printing it
+    (``--json``: the summary)."""
+    @functools.wraps(command)
+    def wrapper(as_json, **kwargs):
+        report(as_json, *command(**kwargs))
+    return wrapper
+
+
+for _name, _command in RBM_COMMANDS:
+    main.command(_name)(common_options(_reporting(_command)))

@@ -22,7 +22,8 @@ from gradnet_cupy.kernels.csr import vstack
 from gradnet_cupy.metric import save_store_metric
 from gradnet_cupy.store import (DEFAULT_COMPRESSION, StoreWriter, TangentStore,
                                 file_sha256)
-from gradnet_cupy.tangent import CANDIDATE_MODES, iter_tangent_features
+from gradnet_cupy.tangent import (
+    CANDIDATE_MODES, CROSS_ENTROPY, iter_tangent_features)
 
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
@@ -69,7 +70,8 @@ def candidate_plan(mode, labels, n_classes, seed):
 
 
 def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
-                         transform, batch=64, start=0, stop=None):
+                         transform, batch=64, start=0, stop=None,
+                         objective=CROSS_ENTROPY, features_map=None):
     """Sparse tangent features of samples ``start .. stop`` of ``x``.
 
     Args:
@@ -82,6 +84,12 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
         device: 'cpu' or 'gpu'; transform: ``transform(x) -> x`` applied to
             each host batch (the dataset's eval transform).
         batch: samples per tangent computation.
+        objective: the tangent :class:`~gradnet_cupy.tangent.Objective`
+            (an unsupervised one: one row per sample, ``candidates``
+            ignored, candidate -1).
+        features_map: ``rows -> rows`` applied to each dense feature chunk
+            (rows x n_params) before sparsification (e.g. an RBM's Fisher
+            centring), or None.
 
     Yields, per batch of samples, ``(csr, sample, candidate, target)`` on
     ``device``: a CSR of float32 features (rows x n_params), int64 sample
@@ -96,10 +104,11 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
         yb = to_device(labels[first:last], device)
         cb = 'all' if candidates is None else to_device(
             candidates[first:last], device)
-        chunks = [(percentile_sparsify(c.features, layout.block_sizes, q),
-                   c.sample, c.candidate, c.target)
-                  for c in iter_tangent_features(model, xb, yb, cb,
-                                                 layout=layout)]
+        chunks = [(percentile_sparsify(
+            c.features if features_map is None else features_map(c.features),
+            layout.block_sizes, q), c.sample, c.candidate, c.target)
+            for c in iter_tangent_features(model, xb, yb, cb, layout=layout,
+                                           objective=objective)]
         csrs, samples, candidates_, targets = zip(*chunks)
         xp = get_array_module(samples[0])
         yield (vstack(csrs, layout.n_params, xp),
@@ -110,7 +119,8 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
 def extract_to_store(model, layout, split_data, n_classes, out, provenance,
                      candidates='random', q=85.0, shard=(0, 1), seed=0,
                      device='cpu', transform=None, batch=64, progress=True,
-                     compression=DEFAULT_COMPRESSION, metric=None):
+                     compression=DEFAULT_COMPRESSION, metric=None,
+                     objective=CROSS_ENTROPY, features_map=None):
     """Extract one split into the store ``out``; resumes a killed run.
 
     ``split_data``: ``(x, y)`` host arrays of the split. ``provenance``: what
@@ -123,16 +133,25 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     accumulates every row of the store as its batches are extracted (a
     resumed run first reads back the rows committed before), saved to
     :func:`~gradnet_cupy.metric.store_metric_path` once the store is final.
+    ``objective``, ``features_map``: as in :func:`iter_sparse_tangents`;
+    an unsupervised objective writes one row per sample (candidate -1,
+    provenance ``candidates: 'none'``); another objective than the default
+    is recorded as provenance ``objective``.
     Returns a summary dict (rows, nnz, path, ..., ``metric``: its path).
     """
     check_q(q)
     x, y = split_data
     start, stop = shard_range(len(x), shard, batch)
+    if not objective.uses_candidates:
+        candidates = 'none'
     rows_per_sample = n_classes if candidates == 'all' else 1
-    plan = candidate_plan(candidates, y, n_classes, seed)
+    plan = None if candidates == 'none' else \
+        candidate_plan(candidates, y, n_classes, seed)
     provenance = dict(provenance, q=float(q), n_classes=int(n_classes),
                       candidates=candidates, seed=int(seed),
                       shard=list(shard))
+    if objective is not CROSS_ENTROPY:    # CE stores keep their provenance
+        provenance['objective'] = objective.name
     writer = StoreWriter.create_or_resume(
         out, layout.n_params, layout.to_dict(), provenance,
         total_rows=(stop - start) * rows_per_sample, compression=compression)
@@ -155,7 +174,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
                     metric.accumulate(b.csr.to_device(device))
         for csr, sample, candidate, target in iter_sparse_tangents(
                 model, x, y, plan, q, layout, device,
-                transform or (lambda v: v), batch, resume_at, stop):
+                transform or (lambda v: v), batch, resume_at, stop,
+                objective, features_map):
             writer.append(csr, sample, candidate, target)
             if metric is not None:
                 metric.accumulate(csr)

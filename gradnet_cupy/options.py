@@ -25,7 +25,8 @@ from gradnet_cupy.normalize import normalizer_class
 class NetOptions:
     """The GradNet to build (:func:`gradnet_cupy.gradnet.build_gradnet`).
 
-    ``hidden``: hidden units per input block (tuple of int >= 1), or None
+    ``hidden``: hidden units per input block (tuple of int >= 1), ``(0,)``
+    for the linear head (logistic regression, no hidden layer), or None
     for ``hidden_total`` units split in proportion to the block sizes;
     ``wiring``: 'diagonal' or 'adjacent'; ``dropout``: ratio in [0, 1);
     ``batchnorm``: batch normalization before the ReLU; ``seed``: of the
@@ -42,7 +43,7 @@ class NetOptions:
         if self.hidden is not None:
             object.__setattr__(self, 'hidden',
                                tuple(int(h) for h in self.hidden))
-            if min(self.hidden, default=0) < 1:
+            if self.hidden != (0,) and min(self.hidden, default=0) < 1:
                 raise GradnetError('block and hidden sizes must be positive')
         check_wiring(self.wiring)
         check_dropout(self.dropout)

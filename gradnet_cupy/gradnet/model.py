@@ -12,7 +12,9 @@ the CPU, cupyx on the GPU) and its weight gradient is ``gy^T X``.
 
 Prediction (DESIGN §1.6): ``argmax_c sum_ĉ GradNet(t(x, ĉ))_c``, the raw
 outputs summed over all candidate rows of a sample
-(:func:`predict_from_candidates`).
+(:func:`predict_from_candidates`). Features of an unsupervised objective
+(e.g. an RBM's Fisher scores) have one row per sample and ``candidate =
+-1``: the same rule is then the argmax of that row's outputs, no sum.
 
 Neighbours: :mod:`.training` (optimizers and the loop), :mod:`.sources`
 (batches from a store or extracted online), :mod:`.persist` (saving),
@@ -132,6 +134,10 @@ class GradNet(chainer.Chain):
     Parameters: ``W{b}`` (columns of block b x hidden units of block b),
     input-major, i.e. hidden block b is ``relu(x_b @ W{b} + b{b})``;
     ``b{b}`` (hidden units,); ``out``, the Linear to the classes.
+
+    ``hidden_sizes == [0]`` builds the linear head instead (no hidden
+    layer: multinomial logistic regression on the features, ``fit --hidden
+    0``), parameters ``W`` (n_columns x n_classes) and ``b``.
     """
 
     def __init__(self, block_sizes, hidden_sizes, n_classes,
@@ -139,6 +145,10 @@ class GradNet(chainer.Chain):
         super().__init__()
         block_sizes = [int(s) for s in block_sizes]
         hidden_sizes = [int(h) for h in hidden_sizes]
+        if hidden_sizes == [0]:
+            self._init_linear(block_sizes, n_classes, wiring, dropout,
+                              batchnorm, seed)
+            return
         if len(hidden_sizes) != len(block_sizes):
             raise GradnetError(
                 f'{len(hidden_sizes)} hidden sizes given for '
@@ -171,6 +181,31 @@ class GradNet(chainer.Chain):
                 sum(hidden_sizes), self.n_classes,
                 initialW=chainer.initializers.LeCunNormal(rng=rng))
 
+    def _init_linear(self, block_sizes, n_classes, wiring, dropout,
+                     batchnorm, seed):
+        """``hidden_sizes == [0]``: no hidden layer, a linear classifier
+        (multinomial logistic regression) ``x @ W + b`` over all columns;
+        ``W`` (n_columns x n_classes, input-major, zeros), ``b``
+        (n_classes,)."""
+        if min(block_sizes, default=0) < 1:
+            raise GradnetError('block and hidden sizes must be positive')
+        if dropout or batchnorm:
+            raise GradnetError('the linear head (hidden 0) takes neither '
+                               'dropout nor batchnorm')
+        check_wiring(wiring)
+        self.block_sizes, self.hidden_sizes = block_sizes, [0]
+        self.n_classes, self.wiring = int(n_classes), wiring
+        self.dropout, self.seed = 0.0, int(seed)
+        with self.init_scope():
+            self.W = chainer.Parameter(
+                np.zeros((sum(block_sizes), self.n_classes), np.float32))
+            self.b = chainer.Parameter(0.0, (self.n_classes,))
+
+    @property
+    def linear(self):
+        """True for the linear head (``hidden_sizes == [0]``)."""
+        return self.hidden_sizes == [0]
+
     @property
     def n_columns(self):
         return sum(self.block_sizes)
@@ -183,13 +218,16 @@ class GradNet(chainer.Chain):
                 'dropout': self.dropout, 'batchnorm': hasattr(self, 'bn'),
                 'seed': self.seed}
 
-    def hidden(self, csr):
-        """The hidden layer (rows x sum(hidden_sizes)) before the output."""
+    def _matrix(self, csr):
         if csr.shape[1] != self.n_columns:
             raise GradnetError(
                 f'features have {csr.shape[1]} columns, GradNet expects '
                 f'{self.n_columns} (blocks {self.block_sizes})')
-        x = to_sparse_matrix(csr)
+        return to_sparse_matrix(csr)
+
+    def hidden(self, csr):
+        """The hidden layer (rows x sum(hidden_sizes)) before the output."""
+        x = self._matrix(csr)
         parts = []
         for b, (start, stop) in enumerate(self.ranges):
             pre = sparse_matmul(x[:, start:stop], getattr(self, f'W{b}'))
@@ -203,6 +241,8 @@ class GradNet(chainer.Chain):
         return h
 
     def forward(self, csr):
+        if self.linear:
+            return F.bias(sparse_matmul(self._matrix(csr), self.W), self.b)
         return self.out(self.hidden(csr))
 
 

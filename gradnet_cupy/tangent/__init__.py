@@ -42,6 +42,12 @@ Candidates (``candidates=``): ``'true'`` (the label, needs ``labels``),
 ``np.random.default_rng(seed)`` or a given ``np.random.Generator``),
 ``'all'`` (C rows per sample, sample-major: row ``i*C + c`` is sample ``i``
 with candidate ``c``), or an integer array of shape (n,).
+Objectives (``objective=``): the default :data:`CROSS_ENTROPY` above; any
+:class:`Objective` (``seeds(z, candidates)``: the per-row output gradients
+of a per-sample scalar objective) replaces it. An unsupervised objective
+(``uses_candidates = False``, e.g. ``OutputSum('free-energy')`` for a model
+returning one scalar per sample, such as :class:`gradnet_cupy.rbm.RBM`)
+gives one row per sample with ``candidate = -1``.
 ``weight_decay`` adds ``weight_decay * theta`` to every selected parameter's
 gradient (off by default).
 
@@ -58,9 +64,9 @@ Assumption (not checkable cheaply): in inference mode the model processes
 samples independently (true for ordinary feed-forward classifiers).
 """
 from gradnet_cupy.tangent.engine import (
-    CANDIDATE_MODES, MAX_BYTES, TangentBatch, TangentFallbackWarning,
-    iter_logit_jacobian, iter_tangent_features, logit_jacobian,
-    tangent_features)
+    CANDIDATE_MODES, CROSS_ENTROPY, MAX_BYTES, CrossEntropy, Objective,
+    OutputSum, TangentBatch, TangentFallbackWarning, iter_logit_jacobian,
+    iter_tangent_features, logit_jacobian, tangent_features)
 from gradnet_cupy.tangent.layout import (
     ParameterEntry, ParameterLayout, parameter_layout)
 from gradnet_cupy.tangent.rules import (
@@ -68,7 +74,8 @@ from gradnet_cupy.tangent.rules import (
     EmbedIDRule, LinearRule, Rule, register_rule, rule_for)
 
 __all__ = [
-    'CANDIDATE_MODES', 'MAX_BYTES', 'TangentBatch', 'TangentFallbackWarning',
+    'CANDIDATE_MODES', 'CROSS_ENTROPY', 'MAX_BYTES', 'CrossEntropy',
+    'Objective', 'OutputSum', 'TangentBatch', 'TangentFallbackWarning',
     'iter_logit_jacobian', 'iter_tangent_features', 'logit_jacobian',
     'tangent_features',
     'ParameterEntry', 'ParameterLayout', 'parameter_layout',

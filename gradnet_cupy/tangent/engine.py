@@ -6,7 +6,9 @@ to the per-layer rules, and cut the work into chunks, threads and the
 per-sample fallback loop. Public: :func:`tangent_features`,
 :func:`iter_tangent_features`, :func:`logit_jacobian`,
 :func:`iter_logit_jacobian`, :class:`TangentBatch`,
-:class:`TangentFallbackWarning`, ``CANDIDATE_MODES``, ``MAX_BYTES``.
+:class:`TangentFallbackWarning`, ``CANDIDATE_MODES``, ``MAX_BYTES``, and
+the per-sample objectives: :class:`Objective`, :class:`CrossEntropy`
+(:data:`CROSS_ENTROPY`, the default), :class:`OutputSum` (unsupervised).
 
 Neighbours: :mod:`gradnet_cupy.tangent.layout` says which parameters fill
 which columns; :mod:`gradnet_cupy.tangent.rules` turns a link's recorded
@@ -23,7 +25,11 @@ samples do not interact, ``gy[i]`` is exactly sample ``i``'s output gradient.
 The rules (:mod:`~gradnet_cupy.tangent.rules`) turn ``(input, gy)`` into
 per-sample parameter gradients.
 
-The gradient of CE for candidate ``c`` w.r.t. the logits is
+The objective (an :class:`Objective`) gives the seeds: the per-row
+output gradients, one array per backward pass. An unsupervised objective
+(e.g. ``OutputSum('free-energy')``, the seed ones for a model returning one
+scalar per sample) needs one pass and gives one row per sample with
+candidate -1. The gradient of CE for candidate ``c`` w.r.t. the logits is
 ``g = softmax(z) - e_c``, so one forward serves every candidate: modes
 ``'true'``/``'random'``/explicit need one backward pass (each row its own
 ``g``), ``'all'`` needs C backward passes, pass ``c`` seeded with
@@ -171,8 +177,9 @@ class _Extraction:
     options, and the per-chunk work (forward, backward passes, rules,
     fallback, weight decay)."""
 
-    def __init__(self, model, layout, strict, weight_decay):
+    def __init__(self, model, layout, objective, strict, weight_decay):
         self.model = model
+        self.objective = objective
         self.layout = layout
         self.slots = _slots(model, layout)
         self.strict = strict
@@ -183,17 +190,13 @@ class _Extraction:
 
     def forward(self, x):
         """Forward pass in inference mode recording the selected links.
-        Returns (logits Variable, {path: [calls]})."""
+        Returns (output Variable, {path: [calls]}); the objective checks
+        the output's shape."""
         recorder = _Recorder([s.link for s in self.slots])
         with chainer.using_config('train', False), \
                 chainer.using_config('enable_backprop', True), recorder:
             z = self.model(x)
-        if not isinstance(z, chainer.Variable) or z.ndim != 2 or \
-                z.shape[0] != len(x):
-            raise GradnetError(
-                'the model must return logits of shape (n_samples, '
-                f'n_classes) for x of shape {tuple(x.shape)}; it returned '
-                f'{getattr(z, "shape", type(z))}')
+        self.objective.check_output(z, x)
         calls = {s.path: recorder.calls[id(s.link)] for s in self.slots}
         return z, calls
 
@@ -243,8 +246,8 @@ class _Extraction:
     def run_chunk(self, x, z, calls, seeds, out):
         """Fill ``out`` (n * n_passes, n_params) for the chunk ``x``.
 
-        ``z``, ``calls``: its recorded forward; ``seeds``: list of logit
-        gradients (n, C), one per backward pass; row ``i * n_passes + r`` is
+        ``z``, ``calls``: its recorded forward; ``seeds``: list of output
+        gradients (n, ...) shaped like ``z``, one per backward pass; row ``i * n_passes + r`` is
         sample ``i`` under ``seeds[r]``.
         """
         n = len(x)
@@ -398,7 +401,7 @@ class _Output:
 
 
 def _candidate_plan(candidates, labels, n_total):
-    """(mode, explicit host labels or None) for the 'ce' kind."""
+    """(mode, explicit host labels or None) of a supervised objective."""
     if not isinstance(candidates, str):
         return 'explicit', _int_labels(candidates, n_total, 'candidates')
     if candidates not in CANDIDATE_MODES:
@@ -412,45 +415,149 @@ def _candidate_plan(candidates, labels, n_total):
     return candidates, None
 
 
-def _seeds(kind, mode, z, candidates):
-    """Logit gradients (n, C), one per backward pass: CE rows get
-    ``softmax(z) - e_c`` (per-row candidates, or one pass per class c for
-    mode 'all'); Jacobian rows get ``e_k``, one pass per class k."""
+class Objective:
+    """A per-sample scalar objective ``l(z_i, c)`` of the model's output
+    ``z`` (n, ...) whose parameter gradients are the tangent features.
+
+    Subclass it for another objective: set :attr:`name`,
+    :attr:`uses_candidates` and the expected output (:attr:`output_ndim`,
+    :attr:`output_description`), and implement :meth:`seeds`. The engine runs one backward pass per seed; because the
+    objective is a sum of per-sample terms, row ``i`` of a seed is sample
+    ``i``'s own output gradient ``d l(z_i, c) / d z_i``.
+
+    Supervised objectives (``uses_candidates = True``, e.g.
+    :class:`CrossEntropy`) take a candidate label per row (the
+    ``candidates=`` argument of :func:`tangent_features`) and read the
+    number of candidates from ``z.shape[1]``. Unsupervised ones have one
+    row per sample and no candidates: their rows carry ``candidate = -1``
+    and ``candidates=`` is ignored.
+    """
+
+    name = 'objective'
+    uses_candidates = False
+    output_ndim = 2
+    """Axes of the model output the objective is defined on (the first is
+    the sample axis)."""
+    output_description = 'logits of shape (n_samples, n_classes)'
+    output_hint = ''
+    """Appended to the error message of a mismatched output."""
+
+    def check_output(self, z, x):
+        """Raise :class:`GradnetError` unless ``z`` (the model's output on
+        ``x``) is a Variable of :attr:`output_ndim` axes whose first is the
+        sample axis of ``x``. Override for other checks."""
+        if not isinstance(z, chainer.Variable) or \
+                z.ndim != self.output_ndim or z.shape[0] != len(x):
+            raise GradnetError(
+                f'the model must return {self.output_description} for x of '
+                f'shape {tuple(x.shape)}; it returned '
+                f'{getattr(z, "shape", type(z))} (objective {self.name!r}'
+                f'{self.output_hint})')
+
+    def seeds(self, z, candidates):
+        """Output gradients, one array per backward pass, each with
+        ``z``'s shape and dtype and the array module of ``z``.
+
+        z: (n, ...) output array. candidates: int array (n,) (one pass),
+        the string ``'all'`` (one pass per class, pass ``c`` for
+        candidate ``c``), or None for an unsupervised objective (one pass).
+        """
+        raise NotImplementedError
+
+
+class CrossEntropy(Objective):
+    """Softmax cross-entropy of the logits (n, C) for a candidate label
+    ``c``: the seed is ``softmax(z) - e_c`` (the default objective)."""
+
+    name = 'cross-entropy'
+    uses_candidates = True
+
+    output_hint = ('; an unsupervised model such as an RBM needs its own '
+                   'objective, e.g. free-energy')
+
+    def seeds(self, z, candidates):
+        p = _softmax(z)
+        return [p - hot for hot in _hots(z, candidates)]
+
+
+class LogitJacobian(CrossEntropy):
+    """Not an objective but the logits themselves: the seed ``e_k`` gives
+    row ``d z_k / d theta`` (the engine of :func:`logit_jacobian`)."""
+
+    name = 'logit-jacobian'
+
+    def seeds(self, z, candidates):
+        return _hots(z, candidates)
+
+
+class OutputSum(Objective):
+    """Unsupervised: the model's own per-sample scalar output, ``l(z_i) =
+    z_i`` for an output of shape (n,) (e.g. an RBM returning its free
+    energy F(v)); the seed is ones. :attr:`name` is given by the caller
+    (default ``'output'``)."""
+
+    def __init__(self, name='output'):
+        self.name = name
+
+    output_ndim = 1
+    output_description = 'one scalar per sample, shape (n_samples,)'
+    output_hint = ', e.g. an RBM\'s free energy; for a classifier use the ' \
+        'cross-entropy objective'
+
+    def seeds(self, z, candidates):
+        xp = get_array_module(z)
+        return [xp.ones_like(z)]
+
+
+CROSS_ENTROPY = CrossEntropy()
+"""The default objective of :func:`tangent_features`."""
+
+_LOGIT_JACOBIAN = LogitJacobian()
+
+
+def _hots(z, candidates):
+    """One-hot arrays (n, C): one per class for ``'all'``, else one of the
+    per-row candidates."""
     xp = get_array_module(z)
     n, n_classes = z.shape
-    if mode == 'all':
+    if isinstance(candidates, str):
         labels = [xp.full(n, c) for c in range(n_classes)]
     else:
         labels = [xp.asarray(candidates)]
-    hots = [_one_hot(xp, lab, n_classes, z.dtype) for lab in labels]
-    if kind == 'jacobian':
-        return hots
-    p = _softmax(z)
-    return [p - hot for hot in hots]
+    return [_one_hot(xp, lab, n_classes, z.dtype) for lab in labels]
 
 
-def _iterate(model, x, labels, *, kind, output, candidates='all', seed=0,
-             layout=None, weight_decay=0.0, strict=False,
+def _check_objective(objective):
+    if not isinstance(objective, Objective):
+        raise GradnetError(f'objective must be a tangent Objective, not '
+                           f'{type(objective).__name__}')
+
+
+def _iterate(model, x, labels, *, objective, output, candidates='all',
+             seed=0, layout=None, weight_decay=0.0, strict=False,
              max_bytes=MAX_BYTES, n_threads=None):
-    """Shared driver of tangent features (kind 'ce') and the logit Jacobian
-    (kind 'jacobian'). Checks every input and runs one forward pass of the
-    first sample now (errors are raised here, not on the first chunk), then
+    """Shared driver of tangent features (any objective) and the logit
+    Jacobian. Checks every input and runs one forward pass of the first
+    sample now (errors are raised here, not on the first chunk), then
     returns a generator of TangentBatch chunks."""
     labels = _check_inputs(model, x, labels)
+    _check_objective(objective)
     if n_threads is None:
         n_threads = _usable_cpus()
     elif int(n_threads) < 1:
         raise GradnetError(f'n_threads must be at least 1, not {n_threads}')
     if layout is None:
         layout = parameter_layout(model)
-    ext = _Extraction(model, layout, strict, weight_decay)
+    ext = _Extraction(model, layout, objective, strict, weight_decay)
     n_total = len(x)
-    mode, explicit = ('all', None) if kind == 'jacobian' else \
-        _candidate_plan(candidates, labels, n_total)
     z1, calls1 = ext.forward(x[:1])
-    n_classes = z1.shape[1]
-    _check_range(labels, n_classes, 'labels')
-    _check_range(explicit, n_classes, 'candidates')
+    if objective.uses_candidates:
+        mode, explicit = _candidate_plan(candidates, labels, n_total)
+        n_classes = z1.shape[1]
+        _check_range(labels, n_classes, 'labels')
+        _check_range(explicit, n_classes, 'candidates')
+    else:
+        mode, explicit = 'none', None
     if mode == 'random':
         rng = seed if isinstance(seed, np.random.Generator) \
             else np.random.default_rng(seed)
@@ -464,7 +571,7 @@ def _iterate(model, x, labels, *, kind, output, candidates='all', seed=0,
         per_chunk = min(n_total, max(1, int(max_bytes) // ext.sample_bytes(
             calls1, n_passes)))
     del z1, calls1
-    return _chunks(ext, x, labels, explicit, kind, mode, n_passes, per_chunk,
+    return _chunks(ext, x, labels, explicit, mode, n_passes, per_chunk,
                    output, int(n_threads))
 
 
@@ -475,33 +582,35 @@ def _usable_cpus():
         return os.cpu_count() or 1
 
 
-def _fill(ext, kind, mode, x, candidates, out):
+def _fill(ext, mode, x, candidates, out):
     """Forward, backward passes and rules for the samples ``x``."""
     z, calls = ext.forward(x)
-    ext.run_chunk(x, z, calls, _seeds(kind, mode, z.array, candidates), out)
+    seeds = ext.objective.seeds(z.array,
+                                'all' if mode == 'all' else candidates)
+    ext.run_chunk(x, z, calls, seeds, out)
 
 
-def _fill_threaded(ext, kind, mode, x, candidates, out, n_threads):
+def _fill_threaded(ext, mode, x, candidates, out, n_threads):
     """:func:`_fill` over ``n_threads`` sub-batches of samples in threads,
     BLAS limited to one thread meanwhile (NumPy only; one call otherwise).
     NumPy and BLAS release the GIL, so the sub-batches run in parallel."""
     n = len(x)
     n_threads = min(n_threads, n)
     if n_threads <= 1 or ext.model.xp is not np:
-        return _fill(ext, kind, mode, x, candidates, out)
+        return _fill(ext, mode, x, candidates, out)
     rows = len(out) // n
     bounds = np.linspace(0, n, n_threads + 1).astype(int)
     with ThreadpoolController().limit(limits=1, user_api='blas'), \
             ThreadPoolExecutor(n_threads) as pool:
         futures = [pool.submit(
-            _fill, ext, kind, mode, x[a:b],
+            _fill, ext, mode, x[a:b],
             None if candidates is None else candidates[a:b],
             out[a * rows:b * rows]) for a, b in zip(bounds, bounds[1:])]
         for future in futures:
             future.result()
 
 
-def _chunks(ext, x, labels, explicit, kind, mode, n_passes, per_chunk,
+def _chunks(ext, x, labels, explicit, mode, n_passes, per_chunk,
             output, n_threads):
     xp = ext.model.xp
     n_total = len(x)
@@ -513,10 +622,12 @@ def _chunks(ext, x, labels, explicit, kind, mode, n_passes, per_chunk,
                           per_chunk * n_passes, start * n_passes,
                           n * n_passes)
         cand = None if explicit is None else explicit[start:stop]
-        _fill_threaded(ext, kind, mode, x[start:stop], cand, out, n_threads)
+        _fill_threaded(ext, mode, x[start:stop], cand, out, n_threads)
         sample = np.repeat(np.arange(start, stop, dtype=np.int64), n_passes)
         if mode == 'all':
             candidate = np.tile(np.arange(n_passes, dtype=np.int32), n)
+        elif mode == 'none':    # unsupervised objective: no candidate
+            candidate = np.full(n, -1, np.int32)
         else:
             candidate = cand.astype(np.int32)
         target = np.full(n * n_passes, -1, np.int32) if labels is None \
@@ -534,14 +645,19 @@ def _collect(chunks, output):
 
 
 def iter_tangent_features(model, x, labels=None, candidates='random', *,
-                          layout=None, seed=0, weight_decay=0.0,
-                          strict=False, max_bytes=MAX_BYTES, n_threads=None,
-                          reuse_buffer=False):
+                          objective=CROSS_ENTROPY, layout=None, seed=0,
+                          weight_decay=0.0, strict=False, max_bytes=MAX_BYTES,
+                          n_threads=None, reuse_buffer=False):
     """Tangent features in chunks of whole samples.
 
-    model: a Chainer Link returning logits (n, C). x: array (N, ...) in the
-    model's array module. labels: int (N,) true labels or None.
-    candidates: 'true' | 'random' | 'all' | int array (N,). layout: a
+    model: a Chainer Link returning logits (n, C) (for the default
+    objective). x: array (N, ...) in the model's array module. labels: int
+    (N,) true labels or None (kept as ``target``).
+    candidates: 'true' | 'random' | 'all' | int array (N,); ignored by an
+    unsupervised objective. objective: the per-sample :class:`Objective`
+    differentiated (default :data:`CROSS_ENTROPY`; an unsupervised one,
+    e.g. ``OutputSum('free-energy')``, gives one row per sample with
+    ``candidate = -1``). layout: a
     ParameterLayout (default ``parameter_layout(model)``). seed: int or
     np.random.Generator for 'random'. weight_decay: adds
     ``weight_decay * theta`` to every row's gradient of each selected
@@ -558,22 +674,24 @@ def iter_tangent_features(model, x, labels=None, candidates='random', *,
     Yields :class:`TangentBatch` chunks; rows are sample-major.
     """
     return _iterate(
-        model, x, labels, kind='ce', candidates=candidates, seed=seed,
-        layout=layout, weight_decay=weight_decay, strict=strict,
+        model, x, labels, objective=objective, candidates=candidates,
+        seed=seed, layout=layout, weight_decay=weight_decay, strict=strict,
         max_bytes=max_bytes, n_threads=n_threads,
         output=_Output('reuse' if reuse_buffer else 'fresh'))
 
 
 def tangent_features(model, x, labels=None, candidates='random', *,
-                     layout=None, seed=0, weight_decay=0.0, strict=False,
-                     max_bytes=MAX_BYTES, n_threads=None):
+                     objective=CROSS_ENTROPY, layout=None, seed=0,
+                     weight_decay=0.0, strict=False, max_bytes=MAX_BYTES,
+                     n_threads=None):
     """All tangent-feature rows of ``x`` at once (see
     :func:`iter_tangent_features` for the arguments; ``max_bytes`` bounds the
     working chunk, the result holds every row). Returns a TangentBatch with
     features (rows, n_params): N rows, or N*C for ``candidates='all'``."""
     output = _Output('whole')
     return _collect(_iterate(
-        model, x, labels, kind='ce', candidates=candidates, seed=seed,
+        model, x, labels, objective=objective, candidates=candidates,
+        seed=seed,
         layout=layout, weight_decay=weight_decay, strict=strict,
         max_bytes=max_bytes, n_threads=n_threads, output=output), output)
 
@@ -585,7 +703,8 @@ def iter_logit_jacobian(model, x, labels=None, *, layout=None, strict=False,
     ``i*C + k`` hold d z_ik / d theta (``candidate`` = k; ``target`` the
     label or -1). Arguments as :func:`iter_tangent_features`."""
     return _iterate(
-        model, x, labels, kind='jacobian', layout=layout, strict=strict,
+        model, x, labels, objective=_LOGIT_JACOBIAN, layout=layout,
+        strict=strict,
         max_bytes=max_bytes, n_threads=n_threads,
         output=_Output('reuse' if reuse_buffer else 'fresh'))
 
@@ -596,7 +715,8 @@ def logit_jacobian(model, x, *, layout=None, strict=False,
     module, ``[i, k]`` = gradient of logit k of sample i w.r.t. the layout's
     parameters."""
     output = _Output('whole')
-    for _ in _iterate(model, x, None, kind='jacobian', layout=layout,
+    for _ in _iterate(model, x, None, objective=_LOGIT_JACOBIAN,
+                      layout=layout,
                       strict=strict, max_bytes=max_bytes,
                       n_threads=n_threads, output=output):
         pass
