@@ -8,6 +8,7 @@ traceback. With ``--json`` a command prints exactly one JSON line on stdout.
 """
 import dataclasses
 import functools
+import importlib
 import json
 import os
 import sys
@@ -46,7 +47,25 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, 'NoArgsIsHelpError', ())
 
 
 class Group(click.Group):
-    """A click group that reports errors as one line ``error: ...``."""
+    """A click group that reports errors as one line ``error: ...``.
+
+    Commands that live in other packages and build on this module's shared
+    options (``gradnet_cupy.geodesic.cli``) are named in :attr:`LAZY` and
+    imported when first asked for: they import this module, so importing
+    them here at load time would be circular.
+    """
+    LAZY = {'sparsify-path': 'gradnet_cupy.geodesic.cli',
+            'task-path': 'gradnet_cupy.geodesic.cli'}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.LAZY))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in self.LAZY:
+            module = importlib.import_module(self.LAZY[name])
+            command = {c.name: c for c in module.COMMANDS}[name]
+        return command
 
     def main(self, args=None, prog_name=None, complete_var=None,
              standalone_mode=True, **extra):

@@ -224,3 +224,15 @@ def test_prune_finetune_resumes_after_its_last_round(snapshots, tmp_path,
     a, b = np.load(tmp_path / 'a' / 'final.npz'), np.load(out / 'final.npz')
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_the_gradnet_cupy_group_serves_the_geodesic_commands():
+    """gradnet-cupy lists and runs them, loaded on first use."""
+    from gradnet_cupy.cli import main
+    assert {c.name for c in COMMANDS} == set(main.LAZY)
+    for command in COMMANDS:
+        result = CliRunner().invoke(main, [command.name, '--help'])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f'Usage: main {command.name}')
+    listing = CliRunner().invoke(main, ['--help']).output
+    assert 'sparsify-path' in listing and 'task-path' in listing
