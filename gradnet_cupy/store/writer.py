@@ -48,7 +48,8 @@ from gradnet_cupy.store.format import (
     DEFAULT_CHUNK_ELEMENTS, DEFAULT_COMPRESSION, TMP_SUFFIX, _Block,
     _check_same_extraction, _checked_record_arrays, _incomplete_message,
     _install, _journal, _new_header, _Record, _RECORD_HEAD, _record_pieces,
-    _scan_journal, _storage, _write_h5, _write_journal_header, _WriterLock)
+    _naming, _scan_journal, _storage, _write_h5, _write_journal_header,
+    _WriterLock)
 from gradnet_cupy.store.reader import TangentStore
 
 
@@ -100,7 +101,8 @@ def _new_journal(path, header):
         if existing.exists():
             raise GradnetError(f'{existing} already exists: resume the '
                                'extraction or remove it first')
-    _write_journal_header(_journal(path), header)
+    with _naming(_journal(path)):
+        _write_journal_header(_journal(path), header)
     _, records, end = _scan_journal(_journal(path))
     return header, records, end, False
 
@@ -279,9 +281,10 @@ class StoreWriter:
                 f'exceed the announced {self.total_rows}')
         start = self._file.tell()
         try:
-            for piece in _record_pieces(block):
-                self._file.write(piece)
-            self._file.flush()
+            with _naming(self.journal_path):
+                for piece in _record_pieces(block):
+                    self._file.write(piece)
+                self._file.flush()
         except BaseException:
             self._drop_tail(start)
             raise
@@ -315,9 +318,10 @@ class StoreWriter:
         tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         mapping = np.memmap(self.journal_path, np.uint8, 'r')
         try:
-            _write_h5(tmp, self._header, self.n_rows,
-                      sum(r.nnz for r in self._records),
-                      self._journal_blocks(mapping))
+            with _naming(tmp):
+                _write_h5(tmp, self._header, self.n_rows,
+                          sum(r.nnz for r in self._records),
+                          self._journal_blocks(mapping))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
