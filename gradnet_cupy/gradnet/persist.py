@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 
 from gradnet_cupy.chainer_compat import chainer
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.gradnet.model import GradNet
 from gradnet_cupy.normalize import load_normalizer
 from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
@@ -150,8 +150,9 @@ class FitFolder:
         """Write the finished fit into the working folder, drop the
         checkpoint and rename the folder to ``out`` (replacing an old
         ``out`` only when the fit was started with ``overwrite``)."""
-        save_gradnet(self.work, model, normalizer,
-                     {'settings': self.settings, **extra})
+        with naming(self.work):
+            save_gradnet(self.work, model, normalizer,
+                         {'settings': self.settings, **extra})
         for name in os.listdir(self.work):
             if name == CHECKPOINT or name.endswith('.tmp'):
                 os.remove(os.path.join(self.work, name))

@@ -12,6 +12,9 @@ rerun resumes from) and :mod:`.plots`.
 """
 import os
 
+import numpy as np
+
+from gradnet_cupy.errors import naming
 from gradnet_cupy.gradnet.model import build_gradnet
 from gradnet_cupy.gradnet.plots import save_learning_curve
 from gradnet_cupy.gradnet.sources import (
@@ -83,6 +86,9 @@ def _train(model, device, training, epoch_batches, evaluate_test, progress,
     model_to_device(model, device)
     optimizer = make_optimizer(model, training.optimizer, training.lr,
                                training.momentum, training.weight_decay)
+    # Chainer draws dropout masks on the CPU from NumPy's global generator:
+    # seeded, so that a fit is repeatable (a checkpoint restores its state)
+    np.random.seed(training.seed)
     if folder is None:
         return train(model, optimizer, training.epochs, epoch_batches,
                      evaluate_test, training.eval_every, progress)
@@ -102,8 +108,9 @@ def save_fit(folder, model, normalizer, history):
                'hidden_sizes': model.hidden_sizes, 'out': folder.out}
     model.to_cpu()
     folder.start()
-    save_learning_curve(history, os.path.join(folder.work,
-                                              'learning_curve.png'))
+    curve = os.path.join(folder.work, 'learning_curve.png')
+    with naming(curve):
+        save_learning_curve(history, curve)
     folder.install(model, normalizer, {'history': history,
                                        'summary': summary})
     return summary

@@ -38,7 +38,6 @@ The JSON header (:func:`_new_header`): ``n_columns``, ``layout``,
 ``provenance`` (``package_version`` and ``created`` filled in here),
 ``total_rows`` (or None), ``storage`` (:func:`_storage`).
 """
-import contextlib
 import datetime
 import hashlib
 import json
@@ -298,19 +297,6 @@ def _incomplete_message(path, n_rows, total_rows):
         else f'{n_rows} (of an unannounced number of)'
     return (f'{path}: extraction incomplete: {of} rows; re-run the same '
             'command to resume')
-
-
-@contextlib.contextmanager
-def _naming(path):
-    """Re-raise an OSError that does not name its file (a failed write:
-    disk full, file too large, an HDF5 error) as one naming ``path``, so
-    the command line can say where and why in one line."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 class _WriterLock:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.store.format import (
     SHARD_KEY, TMP_SUFFIX, _Block, _created_now, _differences, _identity,
-    _install, _journal, _naming, _storage, _write_h5, _WriterLock)
+    _install, _journal, _storage, _write_h5, _WriterLock)
 from gradnet_cupy.store.reader import TangentStore
 
 
@@ -59,7 +59,7 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
                     'rows': len(s)} for s in stores]
         tmp = out_path.with_name(out_path.name + TMP_SUFFIX)
         try:
-            with _naming(tmp):
+            with naming(tmp):
                 _write_h5(tmp, header, sum(len(s) for s in stores),
                           sum(s.nnz for s in stores),
                           _store_blocks(stores, rows_per_block),

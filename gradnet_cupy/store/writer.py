@@ -42,13 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from gradnet_cupy.backend import to_numpy
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.kernels.csr import check_csr
 from gradnet_cupy.store.format import (
     DEFAULT_CHUNK_ELEMENTS, DEFAULT_COMPRESSION, TMP_SUFFIX, _Block,
     _check_same_extraction, _checked_record_arrays, _incomplete_message,
     _install, _journal, _new_header, _Record, _RECORD_HEAD, _record_pieces,
-    _naming, _scan_journal, _storage, _write_h5, _write_journal_header,
+    _scan_journal, _storage, _write_h5, _write_journal_header,
     _WriterLock)
 from gradnet_cupy.store.reader import TangentStore
 
@@ -101,7 +101,7 @@ def _new_journal(path, header):
         if existing.exists():
             raise GradnetError(f'{existing} already exists: resume the '
                                'extraction or remove it first')
-    with _naming(_journal(path)):
+    with naming(_journal(path)):
         _write_journal_header(_journal(path), header)
     _, records, end = _scan_journal(_journal(path))
     return header, records, end, False
@@ -281,7 +281,7 @@ class StoreWriter:
                 f'exceed the announced {self.total_rows}')
         start = self._file.tell()
         try:
-            with _naming(self.journal_path):
+            with naming(self.journal_path):
                 for piece in _record_pieces(block):
                     self._file.write(piece)
                 self._file.flush()
@@ -318,7 +318,7 @@ class StoreWriter:
         tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         mapping = np.memmap(self.journal_path, np.uint8, 'r')
         try:
-            with _naming(tmp):
+            with naming(tmp):
                 _write_h5(tmp, self._header, self.n_rows,
                           sum(r.nnz for r in self._records),
                           self._journal_blocks(mapping))
