@@ -233,6 +233,17 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_weights(
         (killed / 'gradnet.json').read_text())['history']) < 20
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_a_fit(stores,
+                                                             tmp_path):
+    (tmp_path / 'notes.txt').write_text('mine')
+    for extra in ((), ('--overwrite',)):
+        line = one_error_line(invoke(
+            'fit', '--train', stores['train'], '--test', stores['test'],
+            '--out', tmp_path, *extra), 1)
+        assert 'not a fit' in line
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+
+
 # ------------------------------------------------------- disk full, no room --
 
 def limited_file_size(limit):

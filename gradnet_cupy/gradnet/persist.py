@@ -73,7 +73,8 @@ class FitFolder:
     ``done``: the ``gradnet.json`` of ``out`` when it already holds this
     fit (nothing to train). A folder holding another fit, or a working
     folder of another fit, is refused (GradnetError naming the settings
-    that differ) unless ``overwrite``, which starts anew.
+    that differ) unless ``overwrite``, which starts anew (a folder that is
+    neither empty nor a fit is never replaced).
     """
 
     def __init__(self, out, settings, overwrite=False):
@@ -81,8 +82,16 @@ class FitFolder:
         self.work = self.out + WORK_SUFFIX
         self.settings = json.loads(json.dumps(settings))
         self.done = None
-        if os.path.exists(self.out) and not overwrite:
-            self.done = self._info(self.out)
+        if os.path.exists(self.out):
+            if not overwrite:
+                self.done = self._info(self.out)
+            elif not (os.path.isdir(self.out) and (
+                    not os.listdir(self.out) or os.path.exists(
+                        os.path.join(self.out, 'gradnet.json')))):
+                raise GradnetError(
+                    f'{self.out} is not a fit of gradnet-cupy (no '
+                    'gradnet.json): refusing to replace it; choose another '
+                    '--out')
         if os.path.isdir(self.work):
             if overwrite:
                 shutil.rmtree(self.work)
