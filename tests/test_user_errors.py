@@ -114,10 +114,12 @@ def test_bad_numbers_are_refused_before_any_work(
 def test_the_real_command_prints_one_line_not_a_traceback(tmp_path,
                                                           snapshots):
     """The console script in a subprocess: real stderr, real exit status."""
-    for args in (['extract', '--batch', '0', '--model', str(snapshots[0]),
-                  '--out', str(tmp_path / 'x.h5')],
-                 ['fit', '--epochs', '0', '--online', '--model',
-                  str(snapshots[0]), '--out', str(tmp_path / 'gn')],
+    base = ['--model', str(snapshots[0]), '--arch', 'mlp', '--subset',
+            str(SUBSET), '--device', 'cpu']
+    for args in (['extract', '--batch', '0', *base, '--out',
+                  str(tmp_path / 'x.h5')],
+                 ['fit', '--epochs', '0', '--online', *base, '--out',
+                  str(tmp_path / 'gn')],
                  ['merge', str(snapshots[0]), '--out',
                   str(tmp_path / 'absent' / 'm.h5')]):
         proc = subprocess.run([SCRIPT, *args], capture_output=True,

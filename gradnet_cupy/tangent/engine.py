@@ -344,8 +344,9 @@ class TangentBatch(NamedTuple):
 
 
 def _check_inputs(model, x, labels):
-    """Validate x (array, non-empty, same module as the model) and labels
-    (None or int (n,)); returns labels as a host int64 array or None."""
+    """Validate x (array, non-empty, same module as the model, a float x of
+    the model's float dtype) and labels (None or int (n,)); returns labels
+    as a host int64 array or None."""
     xp = get_array_module(x)
     if not hasattr(x, 'shape') or not hasattr(x, 'dtype') or \
             isinstance(x, chainer.Variable):
@@ -360,7 +361,7 @@ def _check_inputs(model, x, labels):
             f'{model.xp.__name__}: move one of them (model.to_device / '
             'backend.to_device)')
     dtypes = {p.dtype for p in model.params() if p.array is not None}
-    if dtypes and x.dtype not in dtypes:
+    if x.dtype.kind == 'f' and dtypes and x.dtype not in dtypes:
         raise GradnetError(
             f"x is {x.dtype} but the model's parameters are "
             f"{', '.join(sorted(map(str, dtypes)))}: cast x first "
