@@ -186,7 +186,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_weights(
         stores, tmp_path, monkeypatch):
     fit = ('fit', '--train', stores['train'], '--test', stores['test'],
            '--epochs', 3, '--batch', 4, '--optimizer', 'momentum',
-           '--dropout', 0.3, '--eval-every', 5, '--json')
+           '--dropout', 0.3, '--eval-every', 5, '--device', 'cpu', '--json')
     whole = tmp_path / 'whole'
     ok(*fit, '--out', whole)
 
@@ -347,3 +347,20 @@ def test_a_float64_batch_into_a_float32_model_is_named():
     with pytest.raises(GradnetError, match='x is float64 but the model'):
         tangent_features(model, x, data.test[1])
 
+
+
+def test_a_failed_metric_save_leaves_no_tmp(tmp_path, monkeypatch):
+    from gradnet_cupy.metric import feature_metric
+    from gradnet_cupy.metric import file as metric_file
+    from gradnet_cupy.tangent import parameter_layout
+    data = load_dataset('mnist', subset=4)
+    metric = feature_metric(parameter_layout(
+        build_model('mlp', data.in_shape, 10, seed=0)), 'per_layer', 16)
+
+    def full_disk(_):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(metric_file, 'to_numpy', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        metric.save(tmp_path / 'train.metric.h5')
+    assert os.listdir(tmp_path) == []
