@@ -95,9 +95,9 @@ def main():
                 TrainOptions(epochs=args.gradnet_epochs, eval_every=0,
                              seed=args.seed),
                 args.device, progress=True)
-            gradnet.save_fit(
+            gradnet.save_fit(gradnet.FitFolder(
                 os.path.join(args.out, f'epoch{epoch}-gradnet-{normalize}'),
-                model, normalizer, history, vars(args))
+                vars(args), overwrite=True), model, normalizer, history)
             accuracy[normalize] = history[-1]['test_accuracy']
         rows.append({'epoch': epoch, 'base': record['test_accuracy'],
                      'gradnet': accuracy,

@@ -1,15 +1,19 @@
 """The ``gradnet-cupy`` command line.
 
 Every command takes the shared options of :func:`common_options`
-(``--device auto|cpu|gpu``, ``--seed``, ``--json``). Bad input
-(:class:`GradnetError`) and usage errors end the command with a one-line
-``error: ...`` on stderr and exit status 1 (2 for usage errors), never a
-traceback. With ``--json`` a command prints exactly one JSON line on stdout.
+(``--device auto|cpu|gpu``, ``--seed``, ``--json``). Options are checked
+here, by click types and ranges, before any work. Bad input
+(:class:`GradnetError`), usage errors and operating-system errors (disk
+full, permission denied: one line naming the path and the cause) end the
+command with a one-line ``error: ...`` on stderr and exit status 1 (2 for
+usage errors), never a traceback. With ``--json`` a command prints exactly
+one JSON line on stdout.
 """
 import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -32,7 +36,8 @@ from gradnet_cupy.rbm.fisher import OBJECTIVES, check_objective_for
 from gradnet_cupy.options import (
     MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
 from gradnet_cupy.store import (
-    COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
+    COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, file_sha256,
+    merge as merge_stores)
 from gradnet_cupy.tangent import CANDIDATE_MODES, parameter_layout
 from gradnet_cupy.train_base import (
     BASE_OPTIMIZERS, load_base, load_snapshot, train_base)
@@ -41,6 +46,25 @@ from gradnet_cupy.train_base import (
 # tangent's CANDIDATE_MODES in the order --candidates has always listed them
 CANDIDATE_CHOICES = sorted(CANDIDATE_MODES,
                            key=('random', 'all', 'true').index)
+
+
+
+class FiniteRange(click.FloatRange):
+    """A click float range that also refuses NaN and infinity."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f'{number} is not a finite number', param, ctx)
+        return number
+
+
+# the ranges of numeric options, checked by click before any work
+POSITIVE = click.IntRange(min=1)
+PERCENTILE = FiniteRange(0, 100, min_open=True, max_open=True)
+RATE = FiniteRange(0, min_open=True)
+FRACTION = FiniteRange(0, 1, max_open=True)
+NON_NEGATIVE = FiniteRange(0)
 
 # click >= 8.2 raises this for a bare group call; older click exits itself.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, 'NoArgsIsHelpError', ())
@@ -74,6 +98,8 @@ class Group(click.Group):
                                   standalone_mode=False, **extra)
         except GradnetError as e:
             _fail(str(e), 1)
+        except OSError as e:
+            _fail(os_error_line(e), 1)
         except _NO_ARGS_IS_HELP as e:      # bare ``gradnet-cupy``: the help
             e.show()
             sys.exit(e.exit_code)
@@ -86,6 +112,14 @@ class Group(click.Group):
         if not standalone_mode:
             return status
         sys.exit(status if isinstance(status, int) else 0)
+
+
+def os_error_line(error):
+    """One line for an OSError: the path(s) and the cause."""
+    paths = ' -> '.join(str(p) for p in (error.filename, error.filename2)
+                        if p is not None)
+    cause = error.strerror or str(error)
+    return f'{paths}: {cause}' if paths else cause
 
 
 def _fail(message, code):
@@ -102,7 +136,8 @@ def common_options(command):
     @click.option('--device', type=click.Choice(DEVICES), default='auto',
                   show_default=True,
                   help='auto: the GPU when CuPy sees one, else the CPU.')
-    @click.option('--seed', type=int, default=0, show_default=True,
+    @click.option('--seed', type=click.IntRange(0, 2**32 - 1), default=0,
+                  show_default=True,
                   help='Seed of initial weights, shuffling and augmentation.')
     @click.option('--json', 'as_json', is_flag=True,
                   help='Print one JSON summary line on stdout.')
@@ -133,7 +168,7 @@ dataset_options = option_group(
                  help="Dataset folder, or 'download' for Chainer's "
                       'downloader. Default: the embedded 5,000 MNIST digits '
                       '(mnist), /usr/share/datasets/fashion-mnist.'),
-    click.option('--subset', type=int, default=None,
+    click.option('--subset', type=POSITIVE, default=None,
                  help='Keep only the first N samples of every split.'))
 
 metric_block_options = option_group(
@@ -141,7 +176,8 @@ metric_block_options = option_group(
                  default='per_unit', show_default=True,
                  help='Blocks of --normalize metric: one per output unit '
                       '(fan-in), per layer, or per column.'),
-    click.option('--metric-max-block', type=int, default=256,
+    click.option('--metric-max-block', type=click.IntRange(min=0),
+                 default=256,
                  show_default=True,
                  help='Cut longer metric blocks into pieces (0: no cap).'))
 
@@ -152,7 +188,7 @@ base_model_options = option_group(
     click.option('--arch', type=click.Choice(list(MODELS) + ['rbm']),
                  default='cnn', show_default=True,
                  help='Architecture of the snapshot (rbm: train-rbm).'),
-    click.option('--q', type=float, default=85.0, show_default=True,
+    click.option('--q', type=PERCENTILE, default=85.0, show_default=True,
                  help='Per-layer sparsification percentile, in (0, 100).'))
 
 
@@ -166,15 +202,17 @@ def main():
 @dataset_options
 @click.option('--model', type=click.Choice(list(MODELS)), default='cnn',
               show_default=True)
-@click.option('--epochs', type=int, default=10, show_default=True)
-@click.option('--batch', type=int, default=32, show_default=True)
-@click.option('--lr', type=float, default=0.01, show_default=True)
-@click.option('--momentum', type=float, default=0.9, show_default=True,
+@click.option('--epochs', type=POSITIVE, default=10, show_default=True)
+@click.option('--batch', type=POSITIVE, default=32, show_default=True)
+@click.option('--lr', type=RATE, default=0.01, show_default=True)
+@click.option('--momentum', type=FRACTION, default=0.9, show_default=True,
               help='Momentum of --optimizer momentum.')
-@click.option('--weight-decay', type=float, default=0.0, show_default=True)
+@click.option('--weight-decay', type=NON_NEGATIVE, default=0.0,
+              show_default=True)
 @click.option('--optimizer', type=click.Choice(BASE_OPTIMIZERS),
               default='momentum', show_default=True)
-@click.option('--stop-at-accuracy', type=float, default=None,
+@click.option('--stop-at-accuracy', type=FiniteRange(0, 1),
+              default=None,
               help='Stop after the first epoch whose test accuracy reaches '
                    'this (for weakly trained bases).')
 @click.option('--out', required=True, type=click.Path(file_okay=False),
@@ -221,8 +259,9 @@ def load_base_model(snapshot, arch, data, device):
               help='The HDF5 store to write (resumed if a run was killed).')
 @click.option('--shard', default=None,
               help='i/n: extract only the i-th of n disjoint slices.')
-@click.option('--batch', type=int, default=64, show_default=True,
-              help='Samples per tangent computation.')
+@click.option('--batch', type=POSITIVE, default=64, show_default=True,
+              help='Samples per tangent computation (recorded: a resume '
+                   'must use the same).')
 @click.option('--compression', type=click.Choice(COMPRESSIONS),
               default=DEFAULT_COMPRESSION, show_default=True,
               help='gzip: smallest, any HDF5 reader; lzf: faster to write; '
@@ -314,51 +353,65 @@ def parse_hidden(text):
               help='Base snapshot, with --online.')
 @click.option('--arch', type=click.Choice(list(MODELS)), default='cnn',
               show_default=True, help='With --online.')
-@click.option('--q', type=float, default=85.0, show_default=True,
+@click.option('--q', type=PERCENTILE, default=85.0, show_default=True,
               help='With --online.')
 @dataset_options
 @click.option('--normalize', type=click.Choice(NORMALIZATIONS),
               default='scale_power', show_default=True,
               help='metric: block-diagonal G^-1/2 whitening fitted on the '
                    'training features, re-sparsified at their q.')
-@click.option('--power', type=float, default=0.5, show_default=True,
+@click.option('--power', type=FiniteRange(0, min_open=True),
+              default=0.5, show_default=True,
               help='Exponent of --normalize power.')
 @metric_block_options
-@click.option('--metric-damping', type=float, default=1e-3,
+@click.option('--metric-damping', type=NON_NEGATIVE, default=1e-3,
               show_default=True,
               help='Metric damping, relative to each block\'s mean '
                    'diagonal.')
 @click.option('--hidden', default=None,
               help='Hidden units per block, e.g. 5,100,25; 0: no hidden '
                    'layer (a linear classifier, logistic regression).')
-@click.option('--hidden-total', type=int, default=130, show_default=True,
+@click.option('--hidden-total', type=POSITIVE, default=130,
+              show_default=True,
               help='Without --hidden: this many units in proportion to the '
                    'block sizes.')
 @click.option('--wiring', type=click.Choice(gradnet.WIRINGS),
               default='diagonal', show_default=True)
-@click.option('--dropout', type=float, default=0.0, show_default=True)
+@click.option('--dropout', type=FiniteRange(0, 1, max_open=True),
+              default=0.0, show_default=True)
 @click.option('--batchnorm', is_flag=True)
 @click.option('--optimizer', type=click.Choice(gradnet.GRADNET_OPTIMIZERS),
               default='sgd', show_default=True)
-@click.option('--lr', type=float, default=0.01, show_default=True)
-@click.option('--momentum', type=float, default=0.9, show_default=True)
-@click.option('--weight-decay', type=float, default=0.0, show_default=True)
-@click.option('--batch', type=int, default=25, show_default=True)
-@click.option('--epochs', type=int, default=10, show_default=True)
-@click.option('--eval-every', type=int, default=None,
+@click.option('--lr', type=RATE, default=0.01, show_default=True)
+@click.option('--momentum', type=FRACTION, default=0.9, show_default=True)
+@click.option('--weight-decay', type=NON_NEGATIVE, default=0.0,
+              show_default=True)
+@click.option('--batch', type=POSITIVE, default=25, show_default=True)
+@click.option('--epochs', type=POSITIVE, default=10, show_default=True)
+@click.option('--eval-every', type=click.IntRange(min=0), default=None,
               help='Evaluate every N iterations (default: every epoch; 0: '
                    'only at the end).')
 @click.option('--out', required=True, type=click.Path(file_okay=False),
               help='Folder for gradnet.npz, normalizer.npz (metric.h5 '
                    'with --normalize metric), gradnet.json (settings and '
-                   'metrics) and learning_curve.png.')
+                   'metrics) and learning_curve.png; written as '
+                   '<out>.partial, with a checkpoint after every epoch, and '
+                   'renamed when complete.')
+@click.option('--overwrite', is_flag=True,
+              help='Start anew, replacing a fit in --out (or an interrupted '
+                   'one in <out>.partial) made with other arguments.')
 @common_options
 def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
         subset, normalize, power, metric_partition, metric_max_block,
         metric_damping, hidden, hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
-        eval_every, out, device, seed, as_json):
-    """Train GradNet on tangent features and evaluate it (all candidates)."""
+        eval_every, out, overwrite, device, seed, as_json):
+    """Train GradNet on tangent features and evaluate it (all candidates).
+
+    A fit killed midway resumes from its last completed epoch when the same
+    command is run again (bit for bit the weights of an uninterrupted run);
+    a rerun of a finished fit only prints its summary.
+    """
     net = NetOptions(parse_hidden(hidden), hidden_total, wiring, dropout,
                      batchnorm, seed)
     training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,
@@ -370,28 +423,43 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
             raise GradnetError('--online needs --model SNAPSHOT')
         data = load_dataset(dataset, data_dir, subset)
         base, layout = load_base_model(snapshot, arch, data, device)
-        model, normalizer, history = gradnet.fit_online(
-            base, layout, data, q, normalization, net, training, device,
-            progress=not as_json)
         source = {'online': True, 'model': snapshot, 'arch': arch,
-                  'dataset': dataset, 'q': q}
+                  'dataset': dataset, 'subset': subset, 'q': q,
+                  'snapshot': {'model_sha256': file_sha256(snapshot),
+                               'arch': arch, 'dataset': dataset, 'q': q,
+                               'n_classes': data.n_classes,
+                               'layout': layout.to_dict()}}
     else:
         if train_path is None or test_path is None:
             raise GradnetError('fit needs --train and --test stores '
                                '(or --online --model SNAPSHOT)')
-        model, normalizer, history = gradnet.fit_stores(
-            train_path, test_path, normalization, net, training, device,
-            progress=not as_json)
         source = {'train': train_path, 'test': test_path}
-    settings = dict(source, normalize=normalize, power=power,
-                    **dataclasses.asdict(training),
-                    **normalizer_class(normalize).extra_settings(
-                        normalization))
-    summary = gradnet.save_fit(out, model, normalizer, history, settings)
+        for name, path in list(source.items()):
+            with TangentStore.open(path) as store:
+                source[f'{name}_created'] = store.provenance.get('created')
+                if name == 'train':
+                    source['snapshot'] = gradnet.snapshot_identity(store)
+    settings = {**source, 'normalize': normalize, 'power': power,
+                **dataclasses.asdict(net), **dataclasses.asdict(training),
+                **normalizer_class(normalize).extra_settings(normalization),
+                'device': device}
+    folder = gradnet.FitFolder(out, settings, overwrite)
+    if folder.done is not None:
+        summary = folder.done['summary']
+    else:
+        if online:
+            model, normalizer, history = gradnet.fit_online(
+                base, layout, data, q, normalization, net, training, device,
+                progress=not as_json, folder=folder)
+        else:
+            model, normalizer, history = gradnet.fit_stores(
+                train_path, test_path, normalization, net, training, device,
+                progress=not as_json, folder=folder)
+        summary = gradnet.save_fit(folder, model, normalizer, history)
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
-           f"(hidden {','.join(map(str, model.hidden_sizes))}); saved in "
-           f"{out}")
+           f"(hidden {','.join(map(str, summary['hidden_sizes']))}); saved "
+           f"in {out}")
 
 
 @main.command()
@@ -403,10 +471,18 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
               help='Test store with all candidates.')
 @common_options
 def evaluate(folder, test_path, device, seed, as_json):
-    """Accuracy and confusion matrix of a saved GradNet on a test store."""
-    model, normalizer, _ = gradnet.load_gradnet(folder, device)
+    """Accuracy and confusion matrix of a saved GradNet on a test store.
+
+    The test store must hold all candidates and come from the snapshot and
+    layout the GradNet was trained on."""
+    model, normalizer, info = gradnet.load_gradnet(folder, device)
     model = model_to_device(model, device)
     with TangentStore.open(test_path) as store:
+        identity = info.get('settings', {}).get('snapshot')
+        if identity is None:
+            raise GradnetError(f'{folder}: the fit does not record its '
+                               'snapshot and layout (fit it again)')
+        gradnet.check_test_store(store, identity)
         accuracy, _, predicted, truth = gradnet.evaluate_candidates(
             model, gradnet.store_test_batches(store, device), normalizer)
     n = model.n_classes
@@ -421,9 +497,9 @@ def evaluate(folder, test_path, device, seed, as_json):
 
 
 @main.command()
-@click.option('--base-epochs', type=int, default=1, show_default=True,
+@click.option('--base-epochs', type=POSITIVE, default=1, show_default=True,
               help='Epochs of the (weak) base CNN.')
-@click.option('--epochs', type=int, default=3, show_default=True,
+@click.option('--epochs', type=POSITIVE, default=3, show_default=True,
               help='GradNet epochs.')
 @click.option('--out', default=None, type=click.Path(file_okay=False),
               help='Keep snapshots, stores and GradNet here (default: a '
@@ -463,8 +539,9 @@ def demo(base_epochs, epochs, out, device, seed, as_json):
             TrainOptions(epochs=epochs, eval_every=0, seed=seed),
             device, progress)
         if out:
-            gradnet.save_fit(os.path.join(out, 'gradnet'), model, normalizer,
-                             history, {'demo': True})
+            gradnet.save_fit(gradnet.FitFolder(
+                os.path.join(out, 'gradnet'), {'demo': True},
+                overwrite=True), model, normalizer, history)
     summary = {'base_test_accuracy': base_summary['test_accuracy'],
                'gradnet_test_accuracy': history[-1]['test_accuracy'],
                'base_epochs': base_summary['epochs_run'],

@@ -9,7 +9,11 @@ CSR batches (used by the online trainer, which skips the store);
 Rows are produced in a fixed order (sample-major, samples in split order,
 for ``all`` candidates ``0 .. C-1`` per sample), and ``random`` candidates
 are drawn once for the whole split from ``seed``, so a shard or a resumed run
-produces exactly the rows of an uninterrupted one.
+produces exactly the rows of an uninterrupted one. Everything that decides
+the bits besides the package version (model checksum, q, candidates, seed,
+``batch``, the engine's ``sub_batch``, the device) is in the store's
+provenance, so a resume or a merge that could not reproduce them is refused
+with the key that differs.
 """
 import numpy as np
 from tqdm import tqdm
@@ -24,6 +28,7 @@ from gradnet_cupy.store import (DEFAULT_COMPRESSION, StoreWriter, TangentStore,
                                 file_sha256)
 from gradnet_cupy.tangent import (
     CANDIDATE_MODES, CROSS_ENTROPY, iter_tangent_features)
+from gradnet_cupy.tangent.engine import SUB_BATCH
 
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
@@ -126,7 +131,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     ``split_data``: ``(x, y)`` host arrays of the split. ``provenance``: what
     identifies this extraction beside the arguments here (dataset, split,
     model checksum, ...); a store at ``out`` from a different extraction is
-    refused. ``compression``: the store's ('gzip', 'lzf' or 'none').
+    refused, as is one whose ``batch``, sub-batch or ``device`` differ
+    (they decide the bits). ``compression``: the store's ('gzip', 'lzf' or 'none').
     ``metric``: an empty :class:`~gradnet_cupy.metric.BlockMetric` on
     ``device`` (the ``extraction_accumulator`` of
     :class:`~gradnet_cupy.normalize.MetricNormalizer`) that
@@ -140,8 +146,15 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     Returns a summary dict (rows, nnz, path, ..., ``metric``: its path).
     """
     check_q(q)
+    if int(batch) != batch or batch < 1:
+        raise GradnetError(f'batch must be a positive integer, not {batch!r}')
     x, y = split_data
     start, stop = shard_range(len(x), shard, batch)
+    if start == stop:
+        raise GradnetError(
+            f'{out}: shard {shard[0]}/{shard[1]} of {len(x)} samples in '
+            f'batches of {batch} holds no samples: use fewer shards or a '
+            'smaller --batch')
     if not objective.uses_candidates:
         candidates = 'none'
     rows_per_sample = n_classes if candidates == 'all' else 1
@@ -149,7 +162,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
         candidate_plan(candidates, y, n_classes, seed)
     provenance = dict(provenance, q=float(q), n_classes=int(n_classes),
                       candidates=candidates, seed=int(seed),
-                      shard=list(shard))
+                      shard=list(shard), batch=int(batch),
+                      sub_batch=SUB_BATCH, device=device)
     if objective is not CROSS_ENTROPY:    # CE stores keep their provenance
         provenance['objective'] = objective.name
     writer = StoreWriter.create_or_resume(
@@ -160,10 +174,6 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
         raise GradnetError(f'{out}: {done_rows} committed rows are not whole '
                            f'samples of {rows_per_sample} rows')
     resume_at = start + done_rows // rows_per_sample
-    if (resume_at - start) % batch and resume_at != stop:
-        raise GradnetError(f'{out}: {done_rows} committed rows do not end at '
-                           f'a batch of {batch} samples: re-run with the '
-                           'same --batch')
     bar = tqdm(total=(stop - start) * rows_per_sample, initial=done_rows,
                unit='rows', disable=None if progress else True,
                desc='extract')

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.models import build_model, model_to_device
 
 BASE_OPTIMIZERS = ('sgd', 'momentum')
@@ -175,12 +175,13 @@ def evaluate(model, split, transform, device):
 
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file next to ``path``, then
-    rename it to ``path``; on any error the temporary file is removed."""
+    rename it to ``path``; on any error the temporary file is removed (an
+    OSError that names no file names ``path``)."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{name}.{secrets.token_hex(6)}.tmp')
     f = open(tmp, 'xb')
     try:
-        with f:
+        with naming(path), f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

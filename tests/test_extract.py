@@ -13,12 +13,13 @@ from gradnet_cupy.data import load_dataset
 from gradnet_cupy import extract as extract_module
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
-    candidate_plan, extract_to_store, parse_shard, shard_range)
+    extract_to_store, parse_shard, shard_range)
 from gradnet_cupy.metric import (BlockMetric, feature_blocks, feature_metric,
                                  store_identity, store_metric_path)
 from gradnet_cupy.models import build_model
 from gradnet_cupy.store import TangentStore
 from gradnet_cupy.tangent import parameter_layout, tangent_features
+from gradnet_cupy.tangent.engine import SUB_BATCH
 from gradnet_cupy.train_base import save_snapshot
 
 SUBSET = 12
@@ -97,11 +98,17 @@ def test_random_candidates_are_seeded_and_recorded(tmp_path, mlp_snapshot):
     with TangentStore.open(out) as store:
         batch = store.read(0, len(store))
         provenance = store.provenance
-    plan = candidate_plan('random', data.gradnet[1], 10, 5)
-    np.testing.assert_array_equal(batch.candidate, plan)
+    # the documented draw (one for the whole split from --seed), computed
+    # here, not by the function under test
+    expected = np.random.default_rng(5).integers(0, 10, SUBSET)
+    np.testing.assert_array_equal(batch.candidate, expected)
+    assert not np.array_equal(
+        expected, np.random.default_rng(6).integers(0, 10, SUBSET))
     np.testing.assert_array_equal(batch.target, data.gradnet[1])
     assert provenance['q'] == 90 and provenance['candidates'] == 'random'
     assert provenance['n_classes'] == 10 and provenance['seed'] == 5
+    assert provenance['batch'] == 64 and provenance['device'] == 'cpu'
+    assert provenance['sub_batch'] == SUB_BATCH
     assert len(provenance['model_sha256']) == 64
 
 
@@ -168,8 +175,59 @@ def test_extract_bad_q_is_a_one_line_error(tmp_path, mlp_snapshot):
     snapshot, _, _ = mlp_snapshot
     result = CliRunner().invoke(main, list(map(str, extract_args(
         snapshot, tmp_path / 'x.h5')))[:-2] + ['--q', '100'])
-    assert result.exit_code == 1
-    assert result.output.startswith('error:') and 'q' in result.output
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:')
+    assert "'--q'" in lines[0] and '100' in lines[0]
+
+
+def test_features_are_bit_identical_for_any_thread_count():
+    # a convolutional base: the im2col GEMMs are where BLAS blocking and a
+    # thread-dependent split of the batch changed the bits before
+    data = load_dataset('mnist', subset=40)
+    model = build_model('cnn', data.in_shape, data.n_classes, seed=1)
+    x, y = data.test
+    runs = [tangent_features(model, x, y, 'all', n_threads=n).features
+            for n in (1, 2, 3)]
+    assert runs[0].shape == (40 * 10, parameter_layout(model).n_params)
+    for other in runs[1:]:
+        np.testing.assert_array_equal(runs[0], other)
+
+
+def test_resume_with_another_batch_is_refused(tmp_path, mlp_snapshot,
+                                              monkeypatch):
+    snapshot, model, data = mlp_snapshot
+    layout = parameter_layout(model)
+    original = extract_module.iter_sparse_tangents
+    out = tmp_path / 'train.h5'
+
+    def extract(batch):
+        return extract_to_store(model, layout, data.gradnet, 10, out,
+                                {'dataset': 'mnist'}, q=90, batch=batch,
+                                progress=False)
+
+    monkeypatch.setattr(extract_module, 'iter_sparse_tangents',
+                        dying_after(original, 1))
+    with pytest.raises(KeyboardInterrupt):
+        extract(4)
+    monkeypatch.setattr(extract_module, 'iter_sparse_tangents', original)
+    # 4 rows done is a whole number of batches of 2, but batches of 2 give
+    # other bits than batches of 4: refused, naming the reason
+    with pytest.raises(GradnetError, match=r'batch: 4 \(expected 2\)'):
+        extract(2)
+    assert extract(4)['resumed_from_rows'] == 4
+
+
+def test_an_empty_shard_is_refused(tmp_path, mlp_snapshot):
+    _, model, data = mlp_snapshot
+    # 12 samples in batches of 5 are 3 batches: the first of 4 shards of
+    # them holds none (shard_range cuts at whole batches)
+    assert shard_range(SUBSET, (0, 4), 5) == (0, 0)
+    with pytest.raises(GradnetError, match='holds no samples'):
+        extract_to_store(model, parameter_layout(model), data.gradnet, 10,
+                         tmp_path / 's0.h5', {}, shard=(0, 4), batch=5,
+                         progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def dense_block_sums(path, blocks):

@@ -26,6 +26,24 @@ def make_csr(rng, rows, cols=20, density=0.4):
                m.data, m.shape)
 
 
+def csr_of(dense):
+    m = scipy.sparse.csr_matrix(dense.astype(np.float32))
+    m.sort_indices()
+    return CSR(m.indptr.astype(np.int64), m.indices.astype(np.int32),
+               m.data, m.shape)
+
+
+def with_empty_and_constant_columns(csr, constant=0.5):
+    """``csr`` with column 0 emptied and every nonzero of column 7 set to
+    ``constant`` (column 7 keeps nonzeros in every other row): the two
+    special columns the statistics and normalizers promise to handle."""
+    dense = csr.to_scipy().toarray()
+    dense[:, 0] = 0
+    dense[::2, 7] = constant
+    dense[1::2, 7] = 0
+    return csr_of(dense)
+
+
 def masked_column_oracle(dense):
     """Per-column stats of nonzeros, computed with a dense masked array."""
     masked = np.ma.masked_equal(dense.astype(np.float64), 0.0)
@@ -33,11 +51,16 @@ def masked_column_oracle(dense):
 
 
 def test_column_stats_match_masked_oracle(rng):
-    a, b = make_csr(rng, 15), make_csr(rng, 9)
+    a = with_empty_and_constant_columns(make_csr(rng, 15))
+    b = with_empty_and_constant_columns(make_csr(rng, 9))
     stats = ColumnStats(20).add(a).add(b).as_dict()
     dense = np.vstack([a.to_scipy().toarray(), b.to_scipy().toarray()])
     m = masked_column_oracle(dense)
     np.testing.assert_array_equal(stats['count'], m.count(axis=0))
+    # the empty column: no count, +inf/-inf bounds, zero sums
+    assert stats['count'][0] == 0 and stats['sum'][0] == 0
+    assert stats['min'][0] == np.inf and stats['max'][0] == -np.inf
+    assert stats['min'][7] == stats['max'][7] == np.float32(0.5)
     seen = m.count(axis=0) > 0
     np.testing.assert_allclose(stats['min'][seen], m.min(axis=0)[seen])
     np.testing.assert_allclose(stats['max'][seen], m.max(axis=0)[seen])
@@ -80,7 +103,13 @@ def expected_dense(method, train, x, power=0.5):
 
 @pytest.mark.parametrize('method', COLUMN_METHODS)
 def test_methods_match_dense_oracle(rng, method):
-    train, test = make_csr(rng, 30), make_csr(rng, 8)
+    # training data with an empty column 0 and a constant column 7; the
+    # test data has nonzeros in both (column 0 unseen in training)
+    train = with_empty_and_constant_columns(make_csr(rng, 30))
+    dense_test = make_csr(rng, 8).to_scipy().toarray()
+    dense_test[:, 0] = np.linspace(-2, 2, 8) + 0.1
+    dense_test[:, 7] = np.linspace(-1, 1, 8) + 0.05
+    test = csr_of(dense_test)
     stats = ColumnStats(20).add(train).as_dict()
     norm = fit(method, stats, BLOCKS, power=0.25)
     out = norm(test)

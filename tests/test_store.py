@@ -247,6 +247,69 @@ def test_column_stats_equal_numpy(store_path):
                                    (values ** 2).sum(), rtol=1e-12)
 
 
+def test_column_stats_of_an_empty_and_a_constant_column(tmp_path):
+    # column 0 never has a nonzero, column 1 holds 0.5 in every row,
+    # column 2 varies: the statistics the format promises for each
+    rows = 6
+    values = np.arange(1, rows + 1, dtype=np.float32)
+    indptr = np.arange(0, 2 * rows + 1, 2, dtype=np.int64)
+    indices = np.tile(np.array([1, 2], np.int32), rows)
+    data = np.stack([np.full(rows, 0.5, np.float32), values], 1).ravel()
+    writer = StoreWriter.create(tmp_path / 'c.h5', 3, {}, PROVENANCE,
+                                total_rows=rows)
+    writer.append(CSR(indptr, indices, data, (rows, 3)), np.arange(rows),
+                  np.zeros(rows, int), np.zeros(rows, int))
+    with TangentStore.open(writer.finalize()) as store:
+        stats = store.column_stats()
+    np.testing.assert_array_equal(stats['count'], [0, rows, rows])
+    np.testing.assert_array_equal(stats['min'], [np.inf, 0.5, 1])
+    np.testing.assert_array_equal(stats['max'], [-np.inf, 0.5, rows])
+    np.testing.assert_array_equal(stats['sum'], [0, 0.5 * rows, 21])
+    np.testing.assert_array_equal(stats['sumsq'], [0, 0.25 * rows, 91])
+
+
+def _race_writer(path, barrier, outcomes):
+    """One of the racing processes: write rows 0:30 of ``path`` in
+    batches of 10 (resuming whatever is there), report how it ended."""
+    barrier.wait()
+    try:
+        writer = StoreWriter.create_or_resume(path, N_COLUMNS, LAYOUT,
+                                              PROVENANCE, total_rows=30)
+        with writer:
+            for start in range(writer.n_rows, 30, 10):
+                writer.append(*make_rows(start, start + 10, N_COLUMNS))
+            writer.finalize()
+        outcomes.put('ok')
+    except GradnetError as e:
+        outcomes.put('busy' if 'another process' in str(e) else repr(e))
+    except Exception as e:        # the outcome the lock must prevent
+        outcomes.put(repr(e))
+
+
+def test_concurrent_writers_race_one_wins_the_rest_are_told(tmp_path):
+    """Real processes released together on one store path, over and over:
+    each either writes (or finds) the finished store or is told that
+    another process writes it; the store ends exact, no file is left."""
+    import multiprocessing
+    context = multiprocessing.get_context('fork')
+    for round_ in range(12):
+        path = tmp_path / f'race{round_}.h5'
+        barrier, outcomes = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_race_writer,
+                                     args=(path, barrier, outcomes))
+                     for _ in range(4)]
+        for process in processes:
+            process.start()
+        ends = sorted(outcomes.get(timeout=60) for _ in processes)
+        for process in processes:
+            process.join()
+        assert set(ends) <= {'ok', 'busy'} and 'ok' in ends, ends
+        with TangentStore.open(path) as store:
+            assert_same_csr(store.read(0, 30).csr, scipy_rows(0, 30))
+        assert set(os.listdir(tmp_path)) == {f'race{k}.h5'
+                                             for k in range(round_ + 1)}
+
+
 def test_incomplete_extraction_is_refused_until_finalized(tmp_path):
     path = tmp_path / 'part.h5'
     writer = StoreWriter.create(path, N_COLUMNS, LAYOUT, PROVENANCE,
@@ -428,8 +491,11 @@ def test_torn_journal_tail_is_cut_off(tmp_path):
     writer.append(*make_rows(10, 20, N_COLUMNS))
     full = os.path.getsize(reference)
     writer.close()
-    damaged = [lambda b: b[:committed + cut] for cut in
-               (0, 1, 12, 23, 24, 25, 1000, full - committed - 1)]
+    cuts = (0, 1, 12, 23, 24, 25, 1000, full - committed - 1)
+    damaged = [lambda b, cut=cut: b[:committed + cut] for cut in cuts]
+    # eight different cuts, each bound to its own byte (no late binding)
+    assert [len(d(reference.read_bytes())) for d in damaged] == \
+        [committed + cut for cut in cuts]
     damaged += [lambda b: b[:committed] + b'\0' * 5000,
                 lambda b: b + b'GREC' + os.urandom(300),
                 lambda b: b[:full - 7] + b'\xff' + b[full - 6:]]

@@ -156,9 +156,24 @@ def test_bad_settings(mnist_small, tmp_path, setting, match):
     assert os.listdir(tmp_path) == []
 
 
-def test_sgd_with_weight_decay_trains(tmp_path):
-    small = load_dataset('mnist', subset=300)
-    summary = train_base(small, 'mlp', str(tmp_path), epochs=3, lr=0.1,
-                         optimizer='sgd', weight_decay=1e-4, progress=False)
-    assert summary['test_accuracy'] > 0.3
-    assert json.load(open(tmp_path / 'base.json'))['optimizer'] == 'sgd'
+def test_sgd_weight_decay_step_equals_its_formula(tmp_path):
+    """One SGD step (the whole base split in one batch) with weight decay
+    lambda differs from the same step without it by exactly
+    -lr * lambda * w0 (w0: the initial weights): w <- w - lr (g + lambda w)."""
+    small = load_dataset('mnist', subset=40)
+    lr, decay = 0.1, 0.5
+    weights = {}
+    for name, wd in (('plain', 0.0), ('decay', decay)):
+        train_base(small, 'mlp', str(tmp_path / name), epochs=1, lr=lr,
+                   batch=len(small.base[0]), optimizer='sgd',
+                   weight_decay=wd, progress=False)
+        model = load_snapshot(build_model('mlp', small.in_shape, 10),
+                              str(tmp_path / name / 'snapshot_epoch_1.npz'))
+        weights[name] = {p: v.array for p, v in model.namedparams()}
+    assert json.load(open(tmp_path / 'decay' / 'base.json'))['optimizer'] \
+        == 'sgd'
+    initial = build_model('mlp', small.in_shape, 10, seed=0)
+    for path, w0 in initial.namedparams():
+        np.testing.assert_allclose(
+            weights['decay'][path] - weights['plain'][path],
+            -lr * decay * w0.array, rtol=1e-4, atol=1e-6, err_msg=path)

@@ -6,16 +6,21 @@ Both fit the normalizer on training features only
 (:func:`gradnet_cupy.normalize.fit_normalizer`), build the model
 (:mod:`.model`), feed it from :mod:`.sources` and train it with
 :mod:`.training`; options are the typed ones of :mod:`gradnet_cupy.options`.
-:func:`save_fit` writes the result with :mod:`.persist` and :mod:`.plots`.
+:func:`save_fit` installs the result with :mod:`.persist` (a
+:class:`~.persist.FitFolder`, which also holds the per-epoch checkpoints a
+rerun resumes from) and :mod:`.plots`.
 """
 import os
 
+import numpy as np
+
+from gradnet_cupy.errors import naming
 from gradnet_cupy.gradnet.model import build_gradnet
-from gradnet_cupy.gradnet.persist import save_gradnet
 from gradnet_cupy.gradnet.plots import save_learning_curve
 from gradnet_cupy.gradnet.sources import (
-    online_batches, online_evaluator, online_training_features,
-    store_batches, store_classes, store_evaluator, store_training_features)
+    check_test_store, online_batches, online_evaluator,
+    online_training_features, snapshot_identity, store_batches,
+    store_classes, store_evaluator, store_training_features)
 from gradnet_cupy.gradnet.training import make_optimizer, train
 from gradnet_cupy.models import model_to_device
 from gradnet_cupy.normalize import fit_normalizer
@@ -23,7 +28,7 @@ from gradnet_cupy.store import TangentStore
 
 
 def fit_stores(train_path, test_path, normalize, net, training, device,
-               progress):
+               progress, folder=None):
     """GradNet trained on a training store, evaluated on a test store:
     ``(model, normalizer, history)``.
 
@@ -31,10 +36,15 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
     :class:`~gradnet_cupy.options.NormalizeOptions`, ``NetOptions`` and
     ``TrainOptions``. The normalizer is fitted on the training store (its
     column statistics, its ``q``, and whatever its method keeps beside it,
-    e.g. the sums of ``extract --normalize metric``).
+    e.g. the sums of ``extract --normalize metric``). The test store must
+    come from the same snapshot and layout and hold all candidates
+    (:func:`~.sources.check_test_store`). ``folder``: a
+    :class:`~.persist.FitFolder` to checkpoint every epoch into and resume
+    from (None: no checkpoints).
     """
     with TangentStore.open(train_path) as train_store, \
             TangentStore.open(test_path) as test_store:
+        check_test_store(test_store, snapshot_identity(train_store))
         features = store_training_features(train_store, device)
         normalizer = fit_normalizer(features, normalize)
         model = build_gradnet(features.layout.block_sizes,
@@ -44,12 +54,12 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
             store_batches(train_store, normalizer, training.batch,
                           training.seed, device),
             store_evaluator(model, test_store, normalizer, device),
-            progress)
+            progress, folder)
     return model, normalizer, history
 
 
 def fit_online(base, layout, data, q, normalize, net, training, device,
-               progress):
+               progress, folder=None):
     """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
     history)``. The normalizer is fitted on one pass over the gradnet
     split's tangents (:func:`~.sources.online_training_features`); options
@@ -64,26 +74,43 @@ def fit_online(base, layout, data, q, normalize, net, training, device,
         online_batches(base, layout, data, q, normalizer, training.batch,
                        seed, device),
         online_evaluator(model, base, layout, data, q, normalizer, device),
-        progress)
+        progress, folder)
     return model, normalizer, history
 
 
-def _train(model, device, training, epoch_batches, evaluate_test, progress):
+def _train(model, device, training, epoch_batches, evaluate_test, progress,
+           folder):
+    """The training loop, checkpointed into ``folder`` after every epoch and
+    resumed from its last checkpoint (bit for bit: the batches of an epoch
+    depend only on the seed and the epoch)."""
     model_to_device(model, device)
     optimizer = make_optimizer(model, training.optimizer, training.lr,
                                training.momentum, training.weight_decay)
+    # Chainer draws dropout masks on the CPU from NumPy's global generator:
+    # seeded, so that a fit is repeatable (a checkpoint restores its state)
+    np.random.seed(training.seed)
+    if folder is None:
+        return train(model, optimizer, training.epochs, epoch_batches,
+                     evaluate_test, training.eval_every, progress)
+    folder.start()
     return train(model, optimizer, training.epochs, epoch_batches,
-                 evaluate_test, training.eval_every, progress)
+                 evaluate_test, training.eval_every, progress,
+                 start=folder.load_checkpoint(model, optimizer),
+                 after_epoch=lambda state: folder.save_checkpoint(
+                     model, optimizer, state))
 
 
-def save_fit(out, model, normalizer, history, settings):
-    """Save a fitted GradNet, its history and learning curve into ``out``;
+def save_fit(folder, model, normalizer, history):
+    """Install a fitted GradNet, its history and learning curve as the
+    :class:`~.persist.FitFolder` ``folder``'s final folder (atomically);
     returns the summary dict."""
     summary = {'test_accuracy': history[-1]['test_accuracy'],
-               'hidden_sizes': model.hidden_sizes, 'out': out}
+               'hidden_sizes': model.hidden_sizes, 'out': folder.out}
     model.to_cpu()
-    save_gradnet(out, model, normalizer,
-                 {'settings': settings, 'history': history,
-                  'summary': summary})
-    save_learning_curve(history, os.path.join(out, 'learning_curve.png'))
+    folder.start()
+    curve = os.path.join(folder.work, 'learning_curve.png')
+    with naming(curve):
+        save_learning_curve(history, curve)
+    folder.install(model, normalizer, {'history': history,
+                                       'summary': summary})
     return summary

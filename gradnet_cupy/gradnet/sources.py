@@ -7,7 +7,8 @@ the training features as a
 :class:`~gradnet_cupy.normalize.TrainingFeatures`
 (:func:`store_training_features`, :func:`online_training_features`); for
 evaluation: ``() -> accuracy`` (:func:`store_evaluator`,
-:func:`online_evaluator`). Neighbours: :mod:`.training` (consumes them),
+:func:`online_evaluator`); the checks that a test store fits the training
+store (:func:`snapshot_identity`, :func:`check_test_store`). Neighbours: :mod:`.training` (consumes them),
 :mod:`.pipelines` (wires them), :mod:`gradnet_cupy.store` and
 :mod:`gradnet_cupy.extract` (what they read).
 """
@@ -21,6 +22,45 @@ from gradnet_cupy.normalize import TrainingFeatures
 from gradnet_cupy.tangent import ParameterLayout
 
 STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
+# provenance keys that a training and a test store must share: the same base
+# network snapshot seen through the same layout, dataset, q and classes
+SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes')
+
+
+def snapshot_identity(store):
+    """What a GradNet trained on the open store ``store`` expects of every
+    store it is evaluated on: the :data:`SNAPSHOT_KEYS` of its provenance
+    and its column layout (a JSON-able dict)."""
+    if len(store) == 0:
+        raise GradnetError(f'{store.path}: the store has no rows')
+    return dict({k: store.provenance.get(k) for k in SNAPSHOT_KEYS},
+                layout=store.layout)
+
+
+def check_test_store(test_store, identity):
+    """GradnetError unless the open ``test_store`` has rows, holds every
+    candidate of each sample (the all-candidates accuracy is not defined
+    otherwise: with one random candidate per sample it would measure how
+    often that candidate is the label) or, for an objective without
+    candidates (``candidates`` recorded as ``'none'``: one row per sample),
+    that one row, and matches ``identity`` (:func:`snapshot_identity` of the
+    training store)."""
+    found = snapshot_identity(test_store)
+    mode = test_store.provenance.get('candidates')
+    if mode not in ('all', 'none'):
+        raise GradnetError(
+            f'{test_store.path} was extracted with --candidates {mode}; the '
+            'test accuracy ranks all candidates of a sample: extract the '
+            'test split with --candidates all')
+    differ = [f'{k} {found.get(k)!r} (training {identity.get(k)!r})'
+              for k in identity if k != 'layout'
+              and found.get(k) != identity.get(k)]
+    if found['layout'] != identity.get('layout'):
+        differ.append('the column layout')
+    if differ:
+        raise GradnetError(
+            f'{test_store.path} does not come from the training features\' '
+            f"snapshot and layout: it differs in {', '.join(differ)}")
 
 
 def store_test_batches(test_store, device, batch=100):

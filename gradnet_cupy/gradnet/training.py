@@ -79,7 +79,7 @@ def evaluate_candidates(model, batches, normalizer=None):
 
 
 def train(model, optimizer, epochs, epoch_batches, evaluate_test,
-          eval_every=None, progress=True):
+          eval_every=None, progress=True, start=None, after_epoch=None):
     """The GradNet training loop.
 
     ``epoch_batches(epoch)`` yields ``(csr, target)`` training batches
@@ -89,8 +89,14 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
     end. Returns the history:
     a list of ``{iteration, epoch, train_loss, test_accuracy}`` dicts, where
     ``train_loss`` is the mean batch loss since the previous evaluation.
+    ``after_epoch(state)``, when given, is called after every epoch with
+    the loop's state (JSON-able: ``epoch``, ``iteration``, ``history``,
+    ``losses``); ``start``, such a state, goes on after its epoch.
     """
-    history, losses, iteration = [], [], 0
+    start = start or {'epoch': 0, 'iteration': 0, 'history': [],
+                      'losses': []}
+    history, losses = list(start['history']), list(start['losses'])
+    iteration = start['iteration']
 
     def record(epoch):
         history.append({'iteration': iteration, 'epoch': epoch,
@@ -104,7 +110,7 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
                        f"{history[-1]['test_accuracy']:.4f}",
                        file=sys.stderr)
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start['epoch'] + 1, epochs + 1):
         for csr, target in tqdm(epoch_batches(epoch),
                                 disable=None if progress else True,
                                 desc=f'epoch {epoch}', unit='batch',
@@ -115,6 +121,9 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
                 record(epoch)
         if eval_every is None:
             record(epoch)
+        if after_epoch is not None:
+            after_epoch({'epoch': epoch, 'iteration': iteration,
+                         'history': history, 'losses': losses})
     if not history or history[-1]['iteration'] != iteration:
         record(epochs)
     return history

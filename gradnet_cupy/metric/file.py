@@ -33,23 +33,29 @@ FILE_VERSION = 1
 
 def save(metric, path):
     """Writes ``metric`` (a BlockMetric) to the HDF5 file ``path``, replaced
-    atomically: written to ``path.tmp``, then renamed."""
+    atomically: written to ``path.tmp``, then renamed (the ``.tmp`` is
+    removed when writing fails)."""
     import h5py
 
     tmp = f'{path}.tmp'
-    with h5py.File(tmp, 'w') as f:
-        f.attrs['format'] = FILE_FORMAT
-        f.attrs['version'] = FILE_VERSION
-        f.attrs['n_columns'] = metric.blocks.n_columns
-        f.attrs['weight_sum'] = metric.weight_sum
-        f.attrs['source'] = json.dumps(metric.source)
-        f['block_starts'] = metric.blocks.starts
-        f['block_sizes'] = metric.blocks.sizes
-        f['segment_sizes'] = metric.segment_sizes
-        f['G'] = to_numpy(metric.G)
-        if metric.finalized:
-            f['damping'] = metric.damping
-            f['inverse_sqrt'] = to_numpy(metric.inverse_sqrt())
+    try:
+        with h5py.File(tmp, 'w') as f:
+            f.attrs['format'] = FILE_FORMAT
+            f.attrs['version'] = FILE_VERSION
+            f.attrs['n_columns'] = metric.blocks.n_columns
+            f.attrs['weight_sum'] = metric.weight_sum
+            f.attrs['source'] = json.dumps(metric.source)
+            f['block_starts'] = metric.blocks.starts
+            f['block_sizes'] = metric.blocks.sizes
+            f['segment_sizes'] = metric.segment_sizes
+            f['G'] = to_numpy(metric.G)
+            if metric.finalized:
+                f['damping'] = metric.damping
+                f['inverse_sqrt'] = to_numpy(metric.inverse_sqrt())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

@@ -57,6 +57,7 @@ FORMAT = 'gradnet-cupy tangent store'
 FORMAT_VERSION = 1
 JOURNAL_SUFFIX = '.partial'
 TMP_SUFFIX = '.tmp'
+LOCK_SUFFIX = '.lock'
 SHARD_KEY = 'shard'
 
 COMPRESSIONS = ('gzip', 'lzf', 'none')
@@ -296,6 +297,48 @@ def _incomplete_message(path, n_rows, total_rows):
         else f'{n_rows} (of an unannounced number of)'
     return (f'{path}: extraction incomplete: {of} rows; re-run the same '
             'command to resume')
+
+
+class _WriterLock:
+    """The one-writer rule of the store ``path``: an exclusive ``flock`` on
+    ``PATH.lock``, taken before anything at ``path`` is looked at and held
+    until :meth:`release` (or the process dies: the OS drops the lock, so a
+    killed run never blocks the next). GradnetError when another process
+    holds it. Where there is no ``fcntl`` (not POSIX) the lock file is
+    created with ``O_EXCL`` instead."""
+
+    def __init__(self, path):
+        self.path = path.with_name(path.name + LOCK_SUFFIX)
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        while True:
+            flags = os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL)
+            try:
+                self._fd = os.open(self.path, flags, 0o644)
+                if fcntl:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, FileExistsError):
+                if fcntl:
+                    os.close(self._fd)
+                raise GradnetError(
+                    f'{path} is being written by another process (it holds '
+                    f'{self.path.name}); wait for it to finish') from None
+            # the holder before us may have removed the file meanwhile
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+
+    def release(self):
+        """Remove the lock file, then drop the lock (idempotent)."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---------------------------------------------------------------- header --

@@ -1,6 +1,7 @@
 """Merging shards: :func:`merge` joins the finished shard stores of one
 extraction (``extract --shard i/n``) into one store, as if extracted at
-once.
+once. One writer at a time: it holds ``out_path``'s writer lock like an
+extraction.
 
 Neighbours: reads the shards with :class:`~.reader.TangentStore`, writes the
 result with :mod:`.format`'s HDF5 writer and atomic install (no journal: a
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.store.format import (
     SHARD_KEY, TMP_SUFFIX, _Block, _created_now, _differences, _identity,
-    _install, _journal, _storage, _write_h5)
+    _install, _journal, _storage, _write_h5, _WriterLock)
 from gradnet_cupy.store.reader import TangentStore
 
 
@@ -33,14 +34,15 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
     ``chunk_elements`` default to the first shard's.
     """
     out_path = Path(out_path)
-    for existing in (out_path, _journal(out_path)):
-        if existing.exists():
-            raise GradnetError(f'{existing} already exists: refusing to '
-                               'overwrite it with the merge')
     if not shard_paths:
         raise GradnetError('merge needs at least one shard')
+    lock = _WriterLock(out_path)
     stores = []
     try:
+        for existing in (out_path, _journal(out_path)):
+            if existing.exists():
+                raise GradnetError(f'{existing} already exists: refusing to '
+                                   'overwrite it with the merge')
         for shard_path in shard_paths:
             stores.append(TangentStore.open(shard_path))
         stores = _order_shards(stores)
@@ -57,10 +59,11 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
                     'rows': len(s)} for s in stores]
         tmp = out_path.with_name(out_path.name + TMP_SUFFIX)
         try:
-            _write_h5(tmp, header, sum(len(s) for s in stores),
-                      sum(s.nnz for s in stores),
-                      _store_blocks(stores, rows_per_block),
-                      {'merged_from': json.dumps(sources)})
+            with naming(tmp):
+                _write_h5(tmp, header, sum(len(s) for s in stores),
+                          sum(s.nnz for s in stores),
+                          _store_blocks(stores, rows_per_block),
+                          {'merged_from': json.dumps(sources)})
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -68,6 +71,7 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
     finally:
         for store in stores:
             store.close()
+        lock.release()
     return out_path
 
 

@@ -13,6 +13,11 @@ Its job is the crash-safe, two-phase write (DESIGN §4):
    statistics are accumulated while writing) under ``PATH.tmp``, flushes it
    to disk, renames it to ``PATH`` atomically and deletes the journal.
 
+One writer per store: every way of opening a writer first takes the
+exclusive lock ``PATH.lock`` (:class:`~.format._WriterLock`, an OS lock
+dropped when the process dies) and holds it until the writer is closed or
+finalized; a second process gets a GradnetError.
+
 Hence a file at ``PATH`` is always a finished store. A kill during finalize
 leaves the journal intact and finalize is simply redone. Power loss (not
 just a killed process) can lose the journal's recent, unsynced records,
@@ -37,30 +42,15 @@ from pathlib import Path
 import numpy as np
 
 from gradnet_cupy.backend import to_numpy
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.kernels.csr import check_csr
 from gradnet_cupy.store.format import (
     DEFAULT_CHUNK_ELEMENTS, DEFAULT_COMPRESSION, TMP_SUFFIX, _Block,
     _check_same_extraction, _checked_record_arrays, _incomplete_message,
     _install, _journal, _new_header, _Record, _RECORD_HEAD, _record_pieces,
-    _scan_journal, _storage, _write_h5, _write_journal_header)
+    _scan_journal, _storage, _write_h5, _write_journal_header,
+    _WriterLock)
 from gradnet_cupy.store.reader import TangentStore
-
-
-def _lock(f, path):
-    """Hold an exclusive lock on the open journal ``f`` (released when it is
-    closed or the process dies); GradnetError if another writer holds it."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no protection against two writers
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise GradnetError(f'{path} is being written by another process '
-                           '(its partial-extraction journal is locked)') \
-            from None
 
 
 # ------------------------------------------------------------ validation --
@@ -102,6 +92,40 @@ def _check_batch(csr, sample, candidate, target, n_columns):
                   np.ascontiguousarray(data), **meta)
 
 
+# ---------------------------------------------------------------- journal --
+
+def _new_journal(path, header):
+    """Create the journal of a new extraction of ``path`` (refused when
+    ``path`` or its journal exists): ``(header, records, end, False)``."""
+    for existing in (path, _journal(path)):
+        if existing.exists():
+            raise GradnetError(f'{existing} already exists: resume the '
+                               'extraction or remove it first')
+    with naming(_journal(path)):
+        _write_journal_header(_journal(path), header)
+    _, records, end = _scan_journal(_journal(path))
+    return header, records, end, False
+
+
+def _reopen_journal(path, expected_provenance, n_columns, layout,
+                    total_rows):
+    """The committed records of ``path``'s journal after checking that it
+    is the expected extraction: ``(header, records, end, False)``."""
+    journal = _journal(path)
+    if not journal.exists():
+        raise GradnetError(f'{path}: no unfinished extraction to resume '
+                           f'({journal.name} does not exist)')
+    header, records, end = _scan_journal(journal)
+    expected = _new_header(
+        header['n_columns'] if n_columns is None else n_columns,
+        header['layout'] if layout is None else layout,
+        expected_provenance,
+        header['total_rows'] if total_rows is None else total_rows,
+        header['storage'])
+    _check_same_extraction(journal, header, expected)
+    return header, records, end, False
+
+
 # ----------------------------------------------------------------- writer --
 
 class StoreWriter:
@@ -113,18 +137,40 @@ class StoreWriter:
     resume.
     """
 
-    def __init__(self, path, header, records, end, complete=False):
+    def __init__(self, path, header, records, end, complete, lock):
         self.path = Path(path)
         self.journal_path = _journal(self.path)
         self._header = header
         self._records = list(records)
         self.complete = complete
         self._file = None
-        if not complete:
+        self._lock = lock
+        if complete:
+            lock.release()
+            return
+        try:
             self._file = open(self.journal_path, 'r+b')
-            _lock(self._file, self.journal_path)
             self._file.truncate(end)
             self._file.seek(end)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def _locked(cls, path, opening):
+        """A writer of ``path`` made by ``opening() -> (header, records,
+        end, complete)`` while holding the store's writer lock (kept by the
+        writer until it is closed or finalized)."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise GradnetError(f'{path}: directory {path.parent} does not '
+                               'exist')
+        lock = _WriterLock(path)
+        try:
+            return cls(path, *opening(), lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def create(cls, path, n_columns, layout, provenance, total_rows=None,
@@ -140,22 +186,13 @@ class StoreWriter:
         ``total_rows``: rows the store will hold, when known (finalize then
         checks it). ``compression``: ``gzip`` | ``lzf`` | ``none``;
         ``chunk_elements``: HDF5 chunk length of the nonzero datasets.
-        Refuses when ``path`` or its journal exists.
+        Refuses when ``path`` or its journal exists, or when another process
+        writes ``path`` (see :class:`~.format._WriterLock`).
         """
         path = Path(path)
-        if not path.parent.is_dir():
-            raise GradnetError(f'{path}: directory {path.parent} does not '
-                               'exist')
-        for existing in (path, _journal(path)):
-            if existing.exists():
-                raise GradnetError(f'{existing} already exists: resume the '
-                                   'extraction or remove it first')
         header = _new_header(n_columns, layout, provenance, total_rows,
                              _storage(compression, chunk_elements))
-        journal = _journal(path)
-        _write_journal_header(journal, header)
-        _, records, end = _scan_journal(journal)
-        return cls(path, header, records, end)
+        return cls._locked(path, lambda: _new_journal(path, header))
 
     @classmethod
     def resume(cls, path, expected_provenance, n_columns=None, layout=None,
@@ -167,20 +204,8 @@ class StoreWriter:
         ``created``; ``package_version`` is compared with this package's),
         and, when given, ``n_columns``, ``layout`` or ``total_rows`` differ.
         """
-        path = Path(path)
-        journal = _journal(path)
-        if not journal.exists():
-            raise GradnetError(f'{path}: no unfinished extraction to resume '
-                               f'({journal.name} does not exist)')
-        header, records, end = _scan_journal(journal)
-        expected = _new_header(
-            header['n_columns'] if n_columns is None else n_columns,
-            header['layout'] if layout is None else layout,
-            expected_provenance,
-            header['total_rows'] if total_rows is None else total_rows,
-            header['storage'])
-        _check_same_extraction(journal, header, expected)
-        writer = cls(path, header, records, end)
+        writer = cls._locked(path, lambda: _reopen_journal(
+            Path(path), expected_provenance, n_columns, layout, total_rows))
         return writer, writer.n_rows
 
     @classmethod
@@ -190,24 +215,28 @@ class StoreWriter:
         """The extraction's entry point: a StoreWriter whose ``n_rows`` says
         where to continue. Creates the store, resumes an unfinished one of
         the same extraction, or returns an already ``complete`` writer when
-        the same extraction is finished. Refuses to touch a different one.
+        the same extraction is finished. Refuses to touch a different one,
+        or one that another process is writing.
         """
         path = Path(path)
         expected = _new_header(n_columns, layout, provenance, total_rows,
                                _storage(compression, chunk_elements))
-        if path.exists():
-            with TangentStore.open(path) as store:
-                found = {'n_columns': store.n_columns, 'layout': store.layout,
-                         'provenance': store.provenance,
-                         'total_rows': len(store)}
-            _check_same_extraction(path, found, expected)
-            _journal(path).unlink(missing_ok=True)
-            return cls(path, {**expected, **found}, [], 0, complete=True)
-        if _journal(path).exists():
-            return cls.resume(path, provenance, n_columns, layout,
-                              total_rows)[0]
-        return cls.create(path, n_columns, layout, provenance, total_rows,
-                          compression, chunk_elements)
+
+        def opening():
+            if path.exists():
+                with TangentStore.open(path) as store:
+                    found = {'n_columns': store.n_columns,
+                             'layout': store.layout,
+                             'provenance': store.provenance,
+                             'total_rows': len(store)}
+                _check_same_extraction(path, found, expected)
+                _journal(path).unlink(missing_ok=True)
+                return {**expected, **found}, [], 0, True
+            if _journal(path).exists():
+                return _reopen_journal(path, provenance, n_columns, layout,
+                                       total_rows)
+            return _new_journal(path, expected)
+        return cls._locked(path, opening)
 
     @property
     def n_columns(self):
@@ -252,9 +281,10 @@ class StoreWriter:
                 f'exceed the announced {self.total_rows}')
         start = self._file.tell()
         try:
-            for piece in _record_pieces(block):
-                self._file.write(piece)
-            self._file.flush()
+            with naming(self.journal_path):
+                for piece in _record_pieces(block):
+                    self._file.write(piece)
+                self._file.flush()
         except BaseException:
             self._drop_tail(start)
             raise
@@ -288,9 +318,10 @@ class StoreWriter:
         tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         mapping = np.memmap(self.journal_path, np.uint8, 'r')
         try:
-            _write_h5(tmp, self._header, self.n_rows,
-                      sum(r.nnz for r in self._records),
-                      self._journal_blocks(mapping))
+            with naming(tmp):
+                _write_h5(tmp, self._header, self.n_rows,
+                          sum(r.nnz for r in self._records),
+                          self._journal_blocks(mapping))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -307,10 +338,12 @@ class StoreWriter:
             yield _checked_record_arrays(mapping, record, self.journal_path)
 
     def close(self):
-        """Release the journal (without finalizing: it can be resumed)."""
+        """Release the journal and the writer lock (without finalizing: the
+        journal can be resumed)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._lock.release()
 
     def __enter__(self):
         return self

@@ -6,9 +6,10 @@ to the per-layer rules, and cut the work into chunks, threads and the
 per-sample fallback loop. Public: :func:`tangent_features`,
 :func:`iter_tangent_features`, :func:`logit_jacobian`,
 :func:`iter_logit_jacobian`, :class:`TangentBatch`,
-:class:`TangentFallbackWarning`, ``CANDIDATE_MODES``, ``MAX_BYTES``, and
-the per-sample objectives: :class:`Objective`, :class:`CrossEntropy`
-(:data:`CROSS_ENTROPY`, the default), :class:`OutputSum` (unsupervised).
+:class:`TangentFallbackWarning`, ``CANDIDATE_MODES``, ``MAX_BYTES``,
+``SUB_BATCH``, and the per-sample objectives: :class:`Objective`,
+:class:`CrossEntropy` (:data:`CROSS_ENTROPY`, the default), :class:`OutputSum`
+(unsupervised).
 
 Neighbours: :mod:`gradnet_cupy.tangent.layout` says which parameters fill
 which columns; :mod:`gradnet_cupy.tangent.rules` turns a link's recorded
@@ -47,8 +48,10 @@ im2col columns) stay within ``max_bytes`` (at least one sample per chunk;
 Chainer's own temporaries come on top). Chunks hold the same rows and
 metadata as one big chunk; the values agree to rounding (Chainer's forward
 pass itself is not bit-identical across batch sizes: BLAS blocking).
-Threads (CPU only): each chunk is split into ``n_threads`` sub-batches run
-in parallel threads with single-threaded BLAS.
+Threads (CPU only): each chunk is cut into fixed sub-batches of
+``SUB_BATCH`` samples, computed with single-threaded BLAS; ``n_threads``
+threads only schedule them, so the bits do not depend on the number of
+threads or CPUs (only on the chunk, ``SUB_BATCH`` and the BLAS build).
 
 Fallback: links without a rule, and rule links used in a way the rules do
 not cover (batch axis not first, a parameter also used outside the link's
@@ -79,6 +82,11 @@ from gradnet_cupy.tangent.rules import Call, rule_for
 
 MAX_BYTES = 256 * 2 ** 20
 """Default budget for the features of one chunk (256 MiB)."""
+
+SUB_BATCH = 16
+"""Samples per CPU sub-batch: the unit of work that threads schedule (a
+fixed function of the chunk, never of the thread count, so the features are
+bit-identical for any ``n_threads``)."""
 
 CANDIDATE_MODES = ('true', 'random', 'all')
 
@@ -339,8 +347,9 @@ class TangentBatch(NamedTuple):
 
 
 def _check_inputs(model, x, labels):
-    """Validate x (array, non-empty, same module as the model) and labels
-    (None or int (n,)); returns labels as a host int64 array or None."""
+    """Validate x (array, non-empty, same module as the model, a float x of
+    the model's float dtype) and labels (None or int (n,)); returns labels
+    as a host int64 array or None."""
     xp = get_array_module(x)
     if not hasattr(x, 'shape') or not hasattr(x, 'dtype') or \
             isinstance(x, chainer.Variable):
@@ -354,6 +363,12 @@ def _check_inputs(model, x, labels):
             f'x is a {xp.__name__} array but the model lives on '
             f'{model.xp.__name__}: move one of them (model.to_device / '
             'backend.to_device)')
+    dtypes = {p.dtype for p in model.params() if p.array is not None}
+    if x.dtype.kind == 'f' and dtypes and x.dtype not in dtypes:
+        raise GradnetError(
+            f"x is {x.dtype} but the model's parameters are "
+            f"{', '.join(sorted(map(str, dtypes)))}: cast x first "
+            '(x.astype(...))')
     if labels is None:
         return None
     return _int_labels(labels, len(x), 'labels')
@@ -591,21 +606,22 @@ def _fill(ext, mode, x, candidates, out):
 
 
 def _fill_threaded(ext, mode, x, candidates, out, n_threads):
-    """:func:`_fill` over ``n_threads`` sub-batches of samples in threads,
-    BLAS limited to one thread meanwhile (NumPy only; one call otherwise).
-    NumPy and BLAS release the GIL, so the sub-batches run in parallel."""
+    """:func:`_fill` over the fixed sub-batches of ``SUB_BATCH`` samples of
+    ``x`` (NumPy only; one call on CuPy), BLAS limited to one thread, the
+    sub-batches scheduled on ``n_threads`` threads. NumPy and BLAS release
+    the GIL, so the sub-batches run in parallel; the bits are the same for
+    every ``n_threads``."""
     n = len(x)
-    n_threads = min(n_threads, n)
-    if n_threads <= 1 or ext.model.xp is not np:
+    if ext.model.xp is not np:
         return _fill(ext, mode, x, candidates, out)
     rows = len(out) // n
-    bounds = np.linspace(0, n, n_threads + 1).astype(int)
+    starts = range(0, n, SUB_BATCH)
     with ThreadpoolController().limit(limits=1, user_api='blas'), \
-            ThreadPoolExecutor(n_threads) as pool:
+            ThreadPoolExecutor(min(n_threads, len(starts))) as pool:
         futures = [pool.submit(
-            _fill, ext, mode, x[a:b],
-            None if candidates is None else candidates[a:b],
-            out[a * rows:b * rows]) for a, b in zip(bounds, bounds[1:])]
+            _fill, ext, mode, x[a:a + SUB_BATCH],
+            None if candidates is None else candidates[a:a + SUB_BATCH],
+            out[a * rows:(a + SUB_BATCH) * rows]) for a in starts]
         for future in futures:
             future.result()
 
@@ -664,9 +680,9 @@ def iter_tangent_features(model, x, labels=None, candidates='random', *,
     parameter (as Chainer's WeightDecay hook would). strict: raise instead of
     the per-sample fallback. max_bytes: working-set budget of one chunk
     (see the module docstring; None: one chunk). n_threads: on the CPU,
-    each chunk is split into this many sub-batches computed in parallel
-    threads with single-threaded BLAS (default: the CPUs this process may
-    use; 1: no threads; ignored for CuPy). reuse_buffer: yield views into
+    this many threads compute the chunk's ``SUB_BATCH``-sample sub-batches
+    with single-threaded BLAS (default: the CPUs this process may use; the
+    bits do not depend on it; ignored for CuPy). reuse_buffer: yield views into
     one buffer overwritten by the next chunk (saves fresh-memory page faults
     when the consumer copies or reduces each chunk before asking for the
     next).
