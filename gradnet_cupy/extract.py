@@ -1,6 +1,6 @@
 """The extraction stage: images -> tangent features -> per-layer sparse CSR.
 
-DESIGN §2's data flow, model + batch -> tangent -> kernels (sparsify) -> CSR
+the data flow of docs/method.rst#data-flow-and-devices, model + batch -> tangent -> kernels (sparsify) -> CSR
 batch, for one split of a dataset. :func:`iter_sparse_tangents` yields the
 CSR batches (used by the online trainer, which skips the store);
 :func:`extract_to_store` streams them into a resumable

@@ -1,6 +1,6 @@
 """Per-sample, per-layer sparsification of tangent features into CSR.
 
-:func:`percentile_sparsify` is DESIGN §1 step 3: in every row of ``g`` and
+:func:`percentile_sparsify` is docs/method.rst#per-layer-sparsification: in every row of ``g`` and
 every segment (layer block) keep the entries whose magnitude exceeds the
 segment's ``q``-th percentile. :func:`gather_fixed` is the paper's variant
 with fixed per-label coordinate sets, built by :func:`fixed_index_sets`.

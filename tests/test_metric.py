@@ -290,7 +290,7 @@ def test_misuse_is_refused(rng):
 
 def test_apply_resparsifies_per_layer(rng):
     """apply(csr, q): the whitened rows keep, per row and layer segment, the
-    entries above the q-th percentile of their magnitudes (DESIGN §1.3)."""
+    entries above the q-th percentile of their magnitudes (docs/method.rst#per-layer-sparsification)."""
     train, _ = random_csr(rng, 60, N, 0.3)
     metric = BlockMetric.from_layout(LAYOUT, 'per_unit')
     metric.accumulate(train).finalize()

@@ -10,7 +10,7 @@ hidden sub-block ``b`` (ReLU) sees only the columns of input block ``b``
 classes. The first layer is computed sparsely (CSR x dense per block, SciPy on
 the CPU, cupyx on the GPU) and its weight gradient is ``gy^T X``.
 
-Prediction (DESIGN §1.6): ``argmax_c sum_ĉ GradNet(t(x, ĉ))_c``, the raw
+Prediction (docs/method.rst#prediction-over-all-candidates): ``argmax_c sum_ĉ GradNet(t(x, ĉ))_c``, the raw
 outputs summed over all candidate rows of a sample
 (:func:`predict_from_candidates`). Features of an unsupervised objective
 (e.g. an RBM's Fisher scores) have one row per sample and ``candidate =

@@ -1,5 +1,5 @@
 """The block-diagonal metric of the tangent space: ``G^{-1/2}`` whitening
-of tangent features (DESIGN §1, §3).
+of tangent features (docs/method.rst#the-block-metric).
 
 Modules, one job each:
 

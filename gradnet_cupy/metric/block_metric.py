@@ -1,5 +1,5 @@
 """The block-diagonal metric of the tangent space and its whitening
-(DESIGN §1, §3): :class:`BlockMetric`.
+(docs/method.rst#the-block-metric): :class:`BlockMetric`.
 
 Its one job is the math. The metric is
 ``G = sum_i w_i t_i t_i^T / sum_i w_i`` over the training rows; a
@@ -166,7 +166,7 @@ class BlockMetric:
         ``csr``: CSR (rows x n_columns) on the metric's device. Returns a CSR
         of the nonzeros of ``y`` (float32; a row block with no nonzero stays
         zero, a touched one is in general dense), or, with ``q``, of ``y``
-        re-sparsified per segment by the percentile rule of DESIGN §1.3
+        re-sparsified per segment by the percentile rule of docs/method.rst#per-layer-sparsification
         (``percentile_sparsify(y, segment_sizes, q)``).
 
         Rounding: ``y_b`` is a float32 matrix product whose summation order

@@ -1,4 +1,4 @@
-"""Column-wise normalizations of sparse tangent features (DESIGN §1.4).
+"""Column-wise normalizations of sparse tangent features (docs/method.rst#normalization).
 
 One representation of the :class:`~gradnet_cupy.normalize.protocol.Normalizer`
 protocol (its sibling: :mod:`gradnet_cupy.normalize.metric`). Every

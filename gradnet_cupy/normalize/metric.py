@@ -1,5 +1,5 @@
 """The ``metric`` normalization: block-diagonal ``G^{-1/2}`` whitening of
-tangent features, re-sparsified (DESIGN §1.4).
+tangent features, re-sparsified (docs/method.rst#normalization).
 
 One representation of the :class:`~gradnet_cupy.normalize.protocol.Normalizer`
 protocol (its sibling: :mod:`gradnet_cupy.normalize.columns`). The metric
@@ -20,7 +20,7 @@ from gradnet_cupy.normalize.protocol import Normalizer
 
 
 class MetricNormalizer(Normalizer):
-    """The ``metric`` normalization of DESIGN §1.4: ``normalizer(csr) ->
+    """The ``metric`` normalization of docs/method.rst#metric-normalization: ``normalizer(csr) ->
     CSR``, each row whitened by a finalized :class:`BlockMetric` and
     re-sparsified per base-network layer block with the percentile rule at
     ``q`` (the extraction's), so that GradNet's input stays sparse.

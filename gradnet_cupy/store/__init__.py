@@ -1,5 +1,5 @@
 """The tangent store: sparse CSR tangent features in one HDF5 file
-(DESIGN §4), written crash-safely through a journal.
+(docs/store.rst), written crash-safely through a journal.
 
 Modules, one job each:
 

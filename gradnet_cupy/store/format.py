@@ -1,4 +1,4 @@
-"""The on-disk format of the tangent store (DESIGN §4): its one job is to
+"""The on-disk format of the tangent store (docs/store.rst): its one job is to
 say what the bytes are, for the writer, the reader and the merge.
 
 Neighbours: :mod:`.writer` (StoreWriter: the journal and finalize),

@@ -1,6 +1,6 @@
 """Writing a tangent store: :class:`StoreWriter`, the one way to make one.
 
-Its job is the crash-safe, two-phase write (DESIGN §4):
+Its job is the crash-safe, two-phase write (docs/store.rst):
 
 1. :meth:`StoreWriter.append` checks a batch and commits it as one record of
    the append-only journal ``PATH.partial`` (flushed before it returns). A

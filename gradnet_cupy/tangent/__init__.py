@@ -1,4 +1,4 @@
-"""Per-sample tangent features of a Chainer classifier (DESIGN §1 steps 2, 6).
+"""Per-sample tangent features of a Chainer classifier (docs/method.rst#tangent-features).
 
 For a model ``f`` returning logits ``z = f(x)`` of shape (n, C), an input
 batch ``x`` and one candidate label ``c`` per row, the tangent feature of a

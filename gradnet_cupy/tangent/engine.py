@@ -1,5 +1,5 @@
 """The extraction engine: a model and a batch -> rows of tangent features
-(DESIGN §1 steps 2, 6).
+(docs/method.rst#tangent-features).
 
 Job: run the model, find each selected link's output gradients, hand them
 to the per-layer rules, and cut the work into chunks, threads and the

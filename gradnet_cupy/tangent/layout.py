@@ -1,4 +1,4 @@
-"""Which parameters a tangent feature row holds, and where (DESIGN §1).
+"""Which parameters a tangent feature row holds, and where (docs/method.rst#tangent-features).
 
 Job: select the parameters of a Chainer model whose per-sample gradients
 form the features, and describe the columns of a feature row: a

@@ -1,5 +1,5 @@
 """Per-layer rules: a link's recorded call and output gradients -> per-sample
-parameter gradients (DESIGN §1 step 2).
+parameter gradients (docs/method.rst#tangent-features).
 
 Job: the math of each supported link type, one documented :class:`Rule`
 subclass per type, and the table that maps a link class to its rule
