@@ -7,11 +7,12 @@ written to a temporary name and renamed (:func:`atomic_write`).
 
 Drawing: node layer ``j`` sits at ``x = j``, its units spread over
 ``y in [0, 1]``. When node layer 0 is the pixels of the image (a Linear
-first layer of ``C*H*W`` inputs), it is drawn as an ``H x W`` heat map
-(channels summed) of the selected first-layer edges' ``mean_abs`` leaving
-each pixel (overlay: how many classes select an edge leaving it), and the
-first-layer edges start at their pixel. Edge width grows with ``mean_abs``
-relative to the largest selected edge of its layer.
+first layer of ``C*H*W`` inputs), it is drawn left of ``x = 0`` as an
+``H x W`` heat map (channels summed) of the selected first-layer edges'
+``mean_abs`` leaving each pixel (overlay: how many classes select an edge
+leaving it), on top of the first-layer edges, which start at their pixel.
+Edge width grows with ``mean_abs`` relative to the largest selected edge of
+its layer.
 
 GraphML: nodes ``'<layer>:<unit>'`` (attributes ``layer`` int, ``unit``
 int, and ``row``/``col`` for pixels) incident to a selected edge; directed
@@ -28,7 +29,8 @@ import numpy as np
 from gradnet_cupy.edges.graph import endpoints
 from gradnet_cupy.train_base import atomic_write
 
-HEAT_HALF_WIDTH = 0.4          # the heat map spans x in [-0.4, 0.4]
+HEAT_EXTENT = (-1.9, -0.1, 0.03, 0.97)     # x0, x1, y0, y1 of the heat map
+FIRST_LAYER_ALPHA = 0.15                   # the first layer's many edges
 
 
 def _pyplot():
@@ -58,8 +60,9 @@ def node_positions(layers, in_shape):
             _, height, width = pixels
             unit = np.arange(n) % (height * width)
             row, col = unit // width, unit % width
-            x = -HEAT_HALF_WIDTH + (col + 0.5) / width * 2 * HEAT_HALF_WIDTH
-            y = 1 - (row + 0.5) / height
+            x0, x1, y0, y1 = HEAT_EXTENT
+            x = x0 + (col + 0.5) / width * (x1 - x0)
+            y = y1 - (row + 0.5) / height * (y1 - y0)
         else:
             x = np.full(n, float(j))
             y = 1 - (np.arange(n) + 0.5) / n
@@ -83,19 +86,20 @@ def _segments(layers, positions, chosen, stats_row):
 def _frame(plt, layers, in_shape, title, heat):
     """A figure with the node layers drawn; ``heat``: float (H, W) or
     None."""
-    fig, ax = plt.subplots(figsize=(2.2 * (len(layers) + 1), 6))
+    fig, ax = plt.subplots(figsize=(2 * len(layers) + 4, 6))
     positions = node_positions(layers, in_shape)
-    start = 0
+    start, left = 0, -0.3
     if heat is not None:
-        ax.imshow(heat, cmap='Greys', extent=(-HEAT_HALF_WIDTH,
-                  HEAT_HALF_WIDTH, 0, 1), aspect='auto', zorder=0)
-        start = 1
+        ax.imshow(heat, cmap='Greys', extent=HEAT_EXTENT, aspect='auto',
+                  zorder=3)
+        start, left = 1, HEAT_EXTENT[0] - 0.1
     for j in range(start, len(positions)):
         ax.scatter(*positions[j].T, s=4, color='0.6', zorder=2)
-    ax.set_xticks(range(len(positions)))
+    ticks = [(HEAT_EXTENT[0] + HEAT_EXTENT[1]) / 2 if start else 0]
+    ax.set_xticks(ticks + list(range(1, len(positions))))
     ax.set_xticklabels(['input'] + [la.path.strip('/') for la in layers])
     ax.set_yticks([])
-    ax.set_xlim(-0.6, len(layers) + 0.3)
+    ax.set_xlim(left, len(layers) + 0.3)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     return fig, ax, positions
@@ -125,11 +129,11 @@ def draw_class(stats, chosen, c, in_shape, path, title):
     np.add.at(per_input, i, stats.layer(0)[1][c][chosen[0]])
     fig, ax, positions = _frame(plt, layers, in_shape, title,
                                 _heat(layers, in_shape, per_input))
-    for segments, width in _segments(layers, positions, chosen,
-                                     lambda k: stats.layer(k)[1][c]):
+    for k, (segments, width) in enumerate(_segments(
+            layers, positions, chosen, lambda k: stats.layer(k)[1][c])):
         ax.add_collection(LineCollection(
             segments, linewidths=0.2 + 2.0 * width, colors='tab:red',
-            alpha=0.5, zorder=1))
+            alpha=FIRST_LAYER_ALPHA if k == 0 else 0.5, zorder=1))
     _save_png(fig, path, plt)
 
 
