@@ -57,7 +57,7 @@ def parse_args(argv=None):
                         help='Comma-separated percentiles; "none" (no '
                              'sparsification) is always added.')
     parser.add_argument('--structures', default='auto,5,25,10,20,400,100',
-                        help='Semicolon-free list: "auto" and groups of as '
+                        help='Comma-separated: "auto" and groups of as '
                              'many integers as the base has layers.')
     parser.add_argument('--parts', default=','.join(PARTS))
     parser.add_argument('--seed', type=int, default=0)
