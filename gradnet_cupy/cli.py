@@ -435,5 +435,7 @@ def demo(base_epochs, epochs, out, device, seed, as_json):
            f"test digits): base CNN after {summary['base_epochs']} epoch(s) "
            f"{summary['base_test_accuracy']:.4f}, GradNet after {epochs} "
            f"epoch(s) {summary['gradnet_test_accuracy']:.4f}")
-from gradnet_cupy.edges.cli import COMMANDS as EDGE_COMMANDS  # noqa: E402
-list(map(main.add_command, EDGE_COMMANDS))
+
+
+# registers its COMMANDS (edges, metric-size) on main when imported
+import gradnet_cupy.edges.cli  # noqa: E402,F401

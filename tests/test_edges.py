@@ -4,6 +4,8 @@ autograd one sample at a time, the percentile rule by numpy.percentile."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import networkx as nx
 import numpy as np
@@ -183,3 +185,13 @@ def test_bad_input_is_one_error_line(snapshot, tmp_path, args, message):
     assert result.output.startswith('error: ') and message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / 'e').exists()
+
+
+@pytest.mark.parametrize('first', ['gradnet_cupy.cli',
+                                   'gradnet_cupy.edges.cli'])
+def test_commands_are_registered_whichever_module_comes_first(first):
+    code = (f'import {first}; from gradnet_cupy.cli import main; '
+            "print(sorted(main.commands))")
+    names = subprocess.run([sys.executable, '-c', code], check=True,
+                           capture_output=True, text=True).stdout
+    assert "'edges'" in names and "'metric-size'" in names

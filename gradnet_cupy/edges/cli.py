@@ -1,7 +1,9 @@
 """The ``edges`` and ``metric-size`` commands (issue #17).
 
-Neighbours: :mod:`gradnet_cupy.cli` (the ``gradnet-cupy`` group, its shared
-options and one-line errors) registers :data:`COMMANDS`; the work is done by
+Neighbours: :mod:`gradnet_cupy.cli` (the ``gradnet-cupy`` group ``main``,
+its shared options and one-line errors) imports this module, which adds
+:data:`COMMANDS` to ``main`` (so either module may be imported first); the
+work is done by
 :mod:`.graph` and :mod:`.draw` (edges) and
 :mod:`gradnet_cupy.metric.size` (metric-size).
 
@@ -16,7 +18,8 @@ import os
 import click
 
 from gradnet_cupy.cli import (base_model_options, common_options,
-                              dataset_options, load_base_model, report)
+                              dataset_options, load_base_model, main,
+                              report)
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.edges.draw import (class_graph, draw_class, draw_overlay,
                                      write_graphml)
@@ -194,3 +197,5 @@ def _size_table(summary):
 
 
 COMMANDS = [edges, metric_size_command]
+for command in COMMANDS:
+    main.add_command(command)
