@@ -29,6 +29,7 @@ setup(
         'threadpoolctl',
         'mlxtend',
         'matplotlib',
+        'networkx',
     ],
     extras_require={
         'gpu': ['cupy-cuda12x'],

@@ -74,12 +74,14 @@ class Group(click.Group):
     """A click group that reports errors as one line ``error: ...``.
 
     Commands that live in other packages and build on this module's shared
-    options (``gradnet_cupy.geodesic.cli``) are named in :attr:`LAZY` and
-    imported when first asked for: they import this module, so importing
-    them here at load time would be circular.
+    options (``gradnet_cupy.geodesic.cli``, ``gradnet_cupy.edges.cli``) are
+    named in :attr:`LAZY` and imported when first asked for: they import
+    this module, so importing them here at load time would be circular.
     """
     LAZY = {'sparsify-path': 'gradnet_cupy.geodesic.cli',
-            'task-path': 'gradnet_cupy.geodesic.cli'}
+            'task-path': 'gradnet_cupy.geodesic.cli',
+            'edges': 'gradnet_cupy.edges.cli',
+            'metric-size': 'gradnet_cupy.edges.cli'}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.LAZY))

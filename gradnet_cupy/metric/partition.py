@@ -23,21 +23,24 @@ package: ``DEFAULT_PARTITION = 'per_unit'``, ``DEFAULT_MAX_BLOCK = 256``.
 
 Memory: ``G`` (float64) and the inverse square roots (float32) take
 ``BYTES_PER_ENTRY = 12`` bytes per packed entry (``sum size_b ** 2``);
-:func:`check_memory` computes this before anything is allocated.
+:func:`check_memory` counts them with :func:`.size.metric_bytes` (the count
+of the ``metric-size`` command too) before anything is allocated.
 
 Neighbours: :mod:`.block_metric` (the metric over these blocks),
-:mod:`.stored` (compares a saved metric's blocks with :func:`feature_blocks`).
+:mod:`.stored` (compares a saved metric's blocks with :func:`feature_blocks`),
+:mod:`.size` (the byte counts).
 """
 import numpy as np
 
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import Blocks
+from gradnet_cupy.metric.size import (
+    BYTES_PER_ENTRY, capped_metric_bytes, format_bytes, metric_bytes)
 from gradnet_cupy.tangent import ParameterLayout
 
 PARTITIONS = ('per_layer', 'per_unit', 'diagonal')
 DEFAULT_PARTITION = 'per_unit'
 DEFAULT_MAX_BLOCK = 256
-BYTES_PER_ENTRY = 8 + 4            # G float64 + inverse square root float32
 DEFAULT_MAX_BYTES = 4 << 30
 
 
@@ -87,48 +90,31 @@ def feature_blocks(layout, partition=DEFAULT_PARTITION,
     return layout_blocks(layout, partition, max_block or None)[0]
 
 
-def packed_size_with_cap(sizes, cap):
-    """``sum size ** 2`` after cutting blocks of ``sizes`` at ``cap``
-    (as :meth:`Blocks.split` does)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    pieces = -(-sizes // cap)
-    base, extra = np.divmod(sizes, pieces)
-    return int(((pieces - extra) * base ** 2 + extra * (base + 1) ** 2).sum())
-
-
 def check_memory(blocks, max_bytes):
     """Raises :class:`GradnetError` when the metric of ``blocks`` needs more
     than ``max_bytes``, naming the largest block-size cap that fits and the
     size of the diagonal variant."""
-    need = blocks.packed_size * BYTES_PER_ENTRY
+    need = metric_bytes(blocks)
     if need <= max_bytes:
         return
     largest = int(blocks.sizes.max())
     low, high = 0, largest          # the largest fitting cap lies in [low, high)
     while high - low > 1:
         mid = (low + high) // 2
-        fits = packed_size_with_cap(blocks.sizes, mid) * BYTES_PER_ENTRY
+        fits = capped_metric_bytes(blocks.sizes, mid)
         low, high = (mid, high) if fits <= max_bytes else (low, mid)
     diagonal = blocks.covered * BYTES_PER_ENTRY
     if low >= 1:
         advice = (f'max_block={low} fits '
-                  f'({_size(packed_size_with_cap(blocks.sizes, low) * BYTES_PER_ENTRY)})'
-                  f', so does the diagonal partition ({_size(diagonal)})')
+                  f'({format_bytes(capped_metric_bytes(blocks.sizes, low))})'
+                  f', so does the diagonal partition ({format_bytes(diagonal)})')
     elif diagonal <= max_bytes:
-        advice = f'only the diagonal partition fits ({_size(diagonal)})'
+        advice = f'only the diagonal partition fits ({format_bytes(diagonal)})'
     else:
         advice = (f'not even the diagonal partition fits '
-                  f'({_size(diagonal)}): raise max_bytes')
+                  f'({format_bytes(diagonal)}): raise max_bytes')
     raise GradnetError(
-        f'the block-diagonal metric needs {_size(need)} ({len(blocks)} blocks '
+        f'the block-diagonal metric needs {format_bytes(need)} ({len(blocks)} blocks '
         f'of sizes up to {largest}, {blocks.packed_size} packed entries at '
-        f'{BYTES_PER_ENTRY} bytes) but max_bytes is {_size(max_bytes)}; '
+        f'{BYTES_PER_ENTRY} bytes) but max_bytes is {format_bytes(max_bytes)}; '
         f'{advice}')
-
-
-def _size(nbytes):
-    for unit in ('bytes', 'KiB', 'MiB', 'GiB'):
-        if nbytes < 1024 or unit == 'GiB':
-            return (f'{nbytes:.1f} {unit}' if unit != 'bytes'
-                    else f'{int(nbytes)} bytes')
-        nbytes /= 1024

@@ -1,0 +1,250 @@
+"""Ablations of GradNet's settings against its base (seed 000 appendix,
+talk 002): the sparsification percentile q, no sparsification, GradNet's
+structure and wiring, and random vs all candidates for the training rows.
+
+One base network (``--arch``, ``--base-epochs`` on the base split) and one
+seed for everything. Every setting extracts with the package
+(``extract_to_store``: tangents, per-layer percentile sparsification,
+store) and fits GradNet (``fit_stores``: ``scale_power``, plain SGD lr
+0.01, batch 25, ``--gradnet-epochs``, evaluated with all candidates on the
+test store). Settings that only change GradNet share the q = 85 stores.
+
+- ``q``: the training and test stores extracted at each q of ``--qs``, and
+  at ``q = 1e-6`` for "none": every nonzero gradient entry is kept but at
+  most the smallest one of a layer (``percentile_sparsify`` needs
+  ``0 < q < 100``; ``q -> 0`` keeps every entry above the smallest
+  magnitude, and a ReLU network's zeros are below it);
+- ``structure``: hidden units per base layer block (``--structures``,
+  e.g. ``5,25,10`` and ``20,400,100`` for the cnn's three layers; ``auto``:
+  130 in proportion to the blocks), each with diagonal and adjacent wiring;
+- ``candidates``: the training rows with one random candidate per sample
+  (the default) or every class as a candidate (C times the rows).
+
+Writes ``--out/ablations.json`` (settings, data sizes, every row with its
+accuracy, store sizes and wall time) and ``ablations.rst`` (the tables) and
+``accuracy_vs_q.png``; prints the tables. Stores are deleted after use.
+
+Example (the embedded MNIST, a subset)::
+
+    python examples/ablations.py --dataset mnist --subset 600 --out runs/ablations
+"""
+import argparse
+import json
+import os
+import time
+
+from gradnet_cupy import gradnet
+from gradnet_cupy.data import load_dataset
+from gradnet_cupy.extract import extract_to_store, model_provenance
+from gradnet_cupy.options import NetOptions, NormalizeOptions, TrainOptions
+from gradnet_cupy.tangent import parameter_layout
+from gradnet_cupy.train_base import load_base, train_base
+
+NO_SPARSIFICATION_Q = 1e-6
+PARTS = ('q', 'structure', 'candidates')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--dataset', default='mnist')
+    parser.add_argument('--data-dir', default=None)
+    parser.add_argument('--subset', type=int, default=None,
+                        help='Keep the first N samples of every split.')
+    parser.add_argument('--arch', default='cnn')
+    parser.add_argument('--base-epochs', type=int, default=1)
+    parser.add_argument('--gradnet-epochs', type=int, default=3)
+    parser.add_argument('--qs', default='99,95,90,85,80,70',
+                        help='Comma-separated percentiles; "none" (no '
+                             'sparsification) is always added.')
+    parser.add_argument('--structures', default='auto,5,25,10,20,400,100',
+                        help='Comma-separated: "auto" and groups of as '
+                             'many integers as the base has layers.')
+    parser.add_argument('--parts', default=','.join(PARTS))
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--out', required=True)
+    return parser.parse_args(argv)
+
+
+def parse_structures(text, n_blocks):
+    """'auto,5,25,10' -> [None, (5, 25, 10)] for ``n_blocks`` blocks."""
+    items = text.split(',')
+    out, numbers = [], []
+    for item in items:
+        if item == 'auto':
+            out.append(None)
+        else:
+            numbers.append(int(item))
+            if len(numbers) == n_blocks:
+                out.append(tuple(numbers))
+                numbers = []
+    if numbers:
+        raise SystemExit(f'--structures: {numbers} is not a group of '
+                         f'{n_blocks} integers')
+    return out
+
+
+class Runner:
+    """Extracts stores and fits GradNet for one base snapshot."""
+
+    def __init__(self, args, data, base, layout, record):
+        self.args, self.data, self.base = args, data, base
+        self.layout, self.record = layout, record
+
+    def stores(self, q, train_candidates='random',
+               splits=('gradnet', 'test')):
+        """({split: store path}, {train_rows, train_density, test_rows,
+        test_density}, seconds) of the ``splits`` extracted at ``q``."""
+        start = time.time()
+        paths, sizes = {}, {}
+        for split, candidates in (('gradnet', train_candidates),
+                                  ('test', 'all')):
+            if split not in splits:
+                continue
+            path = os.path.join(self.args.out,
+                                f'{split}-q{q:g}-{candidates}.h5')
+            summary = extract_to_store(
+                self.base, self.layout, getattr(self.data, split),
+                self.data.n_classes, path,
+                model_provenance(self.record['path'], self.args.arch,
+                                 self.args.dataset, split,
+                                 self.args.data_dir, self.args.subset),
+                candidates=candidates, q=q, seed=self.args.seed,
+                device=self.args.device, transform=self.data.eval_transform,
+                progress=False, compression='lzf')
+            name = 'train' if split == 'gradnet' else split
+            paths[split] = path
+            sizes[f'{name}_rows'] = summary['rows']
+            sizes[f'{name}_density'] = round(summary['density'], 4)
+        return paths, sizes, time.time() - start
+
+    def fit(self, paths, hidden=None, wiring='diagonal'):
+        """(test accuracy, hidden sizes, seconds)."""
+        start = time.time()
+        model, _, history = gradnet.fit_stores(
+            paths['gradnet'], paths['test'], NormalizeOptions(),
+            NetOptions(hidden=hidden, wiring=wiring, seed=self.args.seed),
+            TrainOptions(epochs=self.args.gradnet_epochs, eval_every=0,
+                         seed=self.args.seed),
+            self.args.device, progress=False)
+        return (history[-1]['test_accuracy'], list(model.hidden_sizes),
+                time.time() - start)
+
+
+def remove(paths):
+    for path in paths.values():
+        os.remove(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    data = load_dataset(args.dataset, args.data_dir, args.subset)
+    base_folder = os.path.join(args.out, 'base')
+    if not os.path.exists(os.path.join(base_folder, 'snapshots.json')):
+        train_base(data, args.arch, base_folder, epochs=args.base_epochs,
+                   seed=args.seed, device=args.device, progress=False)
+    base, _, record = load_base(base_folder, device=args.device)
+    layout = parameter_layout(base)
+    runner = Runner(args, data, base, layout, record)
+    parts = args.parts.split(',')
+    qs = [float(q) for q in args.qs.split(',')] + [NO_SPARSIFICATION_Q]
+    if 85.0 not in qs:
+        qs.append(85.0)
+    rows = []
+
+    def add(part, setting, paths, sizes, extract_s, **fit_args):
+        accuracy, hidden, fit_s = runner.fit(paths, **fit_args)
+        rows.append({'part': part, 'setting': setting, 'gradnet': accuracy,
+                     'hidden_sizes': hidden, **sizes,
+                     'extract_s': round(extract_s, 1),
+                     'fit_s': round(fit_s, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for q in qs:
+        wanted = (q == 85.0 and {'structure', 'candidates'} & set(parts)) \
+            or 'q' in parts
+        if not wanted:
+            continue
+        paths, sizes, extract_s = runner.stores(q)
+        name = 'none' if q == NO_SPARSIFICATION_Q else f'q = {q:g}'
+        if 'q' in parts:
+            add('q', name, paths, sizes, extract_s)
+        if q == 85.0 and 'structure' in parts:
+            for hidden in parse_structures(args.structures,
+                                           len(layout.block_sizes)):
+                for wiring in ('diagonal', 'adjacent'):
+                    label = 'auto 130' if hidden is None else '+'.join(
+                        map(str, hidden))
+                    add('structure', f'{label}, {wiring}', paths, sizes, 0.0,
+                        hidden=hidden, wiring=wiring)
+        if q == 85.0 and 'candidates' in parts:
+            add('candidates', 'random (1 per sample)', paths, sizes, 0.0)
+            train, train_sizes, train_s = runner.stores(q, 'all', ('gradnet',))
+            add('candidates', 'all (C per sample)',
+                dict(paths, **train), dict(sizes, **train_sizes), train_s)
+            remove(train)
+        remove(paths)
+    result = {'settings': vars(args), 'base_test_accuracy':
+              record['test_accuracy'],
+              'data': {split: len(getattr(data, split)[1])
+                       for split in ('base', 'gradnet', 'test')},
+              'wall_s': round(time.time() - started, 1), 'rows': rows}
+    write(args.out, result)
+    return result
+
+
+def write(out, result):
+    with open(os.path.join(out, 'ablations.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    base = result['base_test_accuracy']
+    head = ('part', 'setting', 'GradNet', 'vs base', 'train rows',
+            'train density', 'test rows', 'extract s', 'fit s')
+    table = [head] + [(
+        r['part'], r['setting'], f"{r['gradnet']:.4f}",
+        f"{r['gradnet'] - base:+.4f}", f"{r['train_rows']:,}",
+        f"{r['train_density']:.4f}", f"{r['test_rows']:,}",
+        f"{r['extract_s']:.0f}", f"{r['fit_s']:.0f}")
+        for r in result['rows']]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    rule = '  '.join('=' * w for w in widths)
+    lines = [rule, '  '.join(v.ljust(w) for v, w in zip(head, widths)),
+             rule]
+    lines += ['  '.join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+              for row in table[1:]]
+    lines.append(rule)
+    text = '\n'.join(lines)
+    with open(os.path.join(out, 'ablations.rst'), 'w') as f:
+        f.write(text + '\n')
+    print(f'base test accuracy {base:.4f}; data {result["data"]}; '
+          f'wall {result["wall_s"]} s')
+    print(text)
+    plot_q(out, [r for r in result['rows'] if r['part'] == 'q'], base)
+
+
+def plot_q(out, rows, base):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(5, 4))
+    swept = [r for r in rows if r['setting'] != 'none']
+    ax.plot([float(r['setting'].split('= ')[1]) for r in swept],
+            [r['gradnet'] for r in swept], 'o-', label='GradNet')
+    for r in rows:
+        if r['setting'] == 'none':
+            ax.axhline(r['gradnet'], color='tab:green', ls='--',
+                       label='GradNet, no sparsification')
+    ax.axhline(base, color='k', ls=':', label='base')
+    ax.set_xlabel('sparsification percentile q')
+    ax.set_ylabel('test accuracy (all candidates)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'accuracy_vs_q.png'), dpi=100)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    main()
