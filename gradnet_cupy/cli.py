@@ -28,7 +28,8 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
     SPLITS, extract_to_store, model_provenance, parse_shard)
 from gradnet_cupy.models import MODELS, build_model, model_to_device
-from gradnet_cupy.metric import PARTITIONS
+from gradnet_cupy.metric import (DEFAULT_MAX_BLOCK, DEFAULT_PARTITION,
+                                 PARTITIONS)
 from gradnet_cupy.normalize import NORMALIZATIONS, normalizer_class
 from gradnet_cupy.rbm.commands import COMMANDS as RBM_COMMANDS, \
     rbm_extraction
@@ -175,12 +176,11 @@ dataset_options = option_group(
 
 metric_block_options = option_group(
     click.option('--metric-partition', type=click.Choice(PARTITIONS),
-                 default='per_unit', show_default=True,
+                 default=DEFAULT_PARTITION, show_default=True,
                  help='Blocks of --normalize metric: one per output unit '
                       '(fan-in), per layer, or per column.'),
     click.option('--metric-max-block', type=click.IntRange(min=0),
-                 default=256,
-                 show_default=True,
+                 default=DEFAULT_MAX_BLOCK, show_default=True,
                  help='Cut longer metric blocks into pieces (0: no cap).'))
 
 base_model_options = option_group(

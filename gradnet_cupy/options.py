@@ -17,7 +17,8 @@ import numpy as np
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.gradnet.model import check_dropout, check_wiring
 from gradnet_cupy.gradnet.training import check_optimizer
-from gradnet_cupy.metric import DEFAULT_MAX_BYTES, PARTITIONS
+from gradnet_cupy.metric import (DEFAULT_MAX_BLOCK, DEFAULT_MAX_BYTES,
+                                 DEFAULT_PARTITION, PARTITIONS)
 from gradnet_cupy.normalize import normalizer_class
 
 
@@ -83,8 +84,8 @@ class MetricOptions:
     relative to each block's mean diagonal; ``max_bytes``: the memory the
     packed blocks may take.
     """
-    partition: str = 'per_unit'
-    max_block: Optional[int] = 256
+    partition: str = DEFAULT_PARTITION
+    max_block: Optional[int] = DEFAULT_MAX_BLOCK
     damping: float = 1e-3
     max_bytes: int = DEFAULT_MAX_BYTES
 
