@@ -55,14 +55,6 @@ from gradnet_cupy.store.reader import TangentStore
 
 # ------------------------------------------------------------ validation --
 
-def _host(values):
-    """A NumPy array of a NumPy or CuPy array or of anything array-like (a
-    list of row labels is fine)."""
-    if hasattr(values, '__cuda_array_interface__'):
-        return to_numpy(values)
-    return np.asarray(values)
-
-
 def _check_batch(csr, sample, candidate, target, n_columns):
     """Host copies of one appended batch as a :class:`_Block`, after checking
     it (GradnetError naming the problem): the CSR structure by
@@ -79,7 +71,7 @@ def _check_batch(csr, sample, candidate, target, n_columns):
     for name, values, dtype in (('sample', sample, np.int64),
                                 ('candidate', candidate, np.int16),
                                 ('target', target, np.int16)):
-        values = _host(values)
+        values = to_numpy(values)
         if values.shape != (rows,) or not np.issubdtype(values.dtype,
                                                         np.integer):
             raise GradnetError(f'{name} must be {rows} integers (one per '
