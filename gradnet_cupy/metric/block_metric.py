@@ -149,7 +149,7 @@ class BlockMetric:
     def inverse_sqrt(self):
         """The packed ``(G_b / weight_sum + lambda_b I)^{-1/2}``, float32
         (packed,) of the metric's module (after :meth:`finalize`)."""
-        self._require_finalized()
+        self.require_finalized()
         packed = self.xp.zeros(self.blocks.packed_size, dtype=np.float32)
         offsets = self.blocks.on(self.xp).offsets
         for ids, root in self._inverse_sqrt:
@@ -177,7 +177,7 @@ class BlockMetric:
         size, ``gamma_s = s u / (1 - s u)``, ``u = 2^-24``). With ``q`` the
         kept set can then differ at near-ties of the percentile threshold.
         """
-        self._require_finalized()
+        self.require_finalized()
         xp = check_csr(csr, self.blocks.n_columns)
         if xp is not self.xp:
             raise GradnetError(
@@ -239,7 +239,9 @@ class BlockMetric:
             self.xp.arange(size * size)
         return packed[index].reshape(len(ids), size, size)
 
-    def _require_finalized(self):
+    def require_finalized(self):
+        """GradnetError unless :meth:`finalize` has run (what whitening and
+        the inverse square roots need)."""
         if not self.finalized:
             raise GradnetError('the metric is not finalized: call finalize() '
                                'after accumulating')

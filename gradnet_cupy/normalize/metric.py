@@ -34,7 +34,7 @@ class MetricNormalizer(Normalizer):
     FILE = 'metric.h5'
 
     def __init__(self, metric, q):
-        metric._require_finalized()
+        metric.require_finalized()
         self.metric = metric
         self.q = float(q)
 
