@@ -17,7 +17,6 @@ final name. :func:`load_base` rebuilds a trained model from ``out``.
 import glob
 import json
 import os
-import secrets
 import sys
 import zipfile
 
@@ -26,7 +25,8 @@ from tqdm import tqdm
 
 from gradnet_cupy import backend
 from gradnet_cupy.chainer_compat import chainer, F
-from gradnet_cupy.errors import GradnetError, naming
+from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.files import atomic_write
 from gradnet_cupy.models import build_model, model_to_device
 
 BASE_OPTIMIZERS = ('sgd', 'momentum')
@@ -172,24 +172,6 @@ def evaluate(model, split, transform, device):
 
 
 # ----------------------------------------------------------------- files
-
-def atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file next to ``path``, then
-    rename it to ``path``; on any error the temporary file is removed (an
-    OSError that names no file names ``path``)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{name}.{secrets.token_hex(6)}.tmp')
-    f = open(tmp, 'xb')
-    try:
-        with naming(path), f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
 
 def _write_json(path, obj):
     atomic_write(path, lambda f: f.write(

@@ -9,9 +9,10 @@ from gradnet_cupy.chainer_compat import chainer
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.models import build_model
-from gradnet_cupy.train_base import (atomic_write, evaluate, load_base,
-                                     load_snapshot, read_snapshots,
-                                     save_snapshot, train_base)
+from gradnet_cupy.files import atomic_write
+from gradnet_cupy.train_base import (evaluate, load_base, load_snapshot,
+                                     read_snapshots, save_snapshot,
+                                     train_base)
 
 SETTINGS = dict(epochs=5, lr=0.05, batch=32, seed=1, progress=False)
 

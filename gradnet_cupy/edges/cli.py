@@ -32,7 +32,7 @@ from gradnet_cupy.metric.size import (flat_layout, format_bytes, metric_size,
                                       resnet50_layout)
 from gradnet_cupy.models import MODELS, build_model
 from gradnet_cupy.tangent import parameter_layout
-from gradnet_cupy.train_base import atomic_write
+from gradnet_cupy.files import atomic_write
 
 SUMMARY_FILE = 'edges.json'
 EXAMPLE_LAYOUTS = {'resnet50': resnet50_layout}

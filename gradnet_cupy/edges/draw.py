@@ -27,7 +27,7 @@ import io
 import numpy as np
 
 from gradnet_cupy.edges.graph import endpoints
-from gradnet_cupy.train_base import atomic_write
+from gradnet_cupy.files import atomic_write
 
 HEAT_EXTENT = (-1.9, -0.1, 0.03, 0.97)     # x0, x1, y0, y1 of the heat map
 FIRST_LAYER_ALPHA = 0.15                   # the first layer's many edges

@@ -36,8 +36,8 @@ from gradnet_cupy.geodesic.weights import (get_weights, host_float64,
                                            layout_of, same_architecture,
                                            set_weights, sparsity)
 from gradnet_cupy.models import MODELS
-from gradnet_cupy.train_base import (atomic_write, evaluate, load_snapshot,
-                                     save_snapshot)
+from gradnet_cupy.files import atomic_write
+from gradnet_cupy.train_base import evaluate, load_snapshot, save_snapshot
 
 SPARSIFY_METHODS = METHODS + ('prune-finetune', 'one-shot')
 TASK_METHODS = METHODS + ('interpolate', 'finetune')

@@ -12,7 +12,7 @@ x axis is the position along the path (entry index scaled to [0, 1]).
 """
 import io
 
-from gradnet_cupy.train_base import atomic_write
+from gradnet_cupy.files import atomic_write
 
 
 def _pyplot():

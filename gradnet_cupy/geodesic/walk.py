@@ -60,7 +60,7 @@ from gradnet_cupy.geodesic.step import (BLOCK_PARTITIONS, DEFAULT_BETA,
 from gradnet_cupy.geodesic.weights import (get_gradients, get_weights,
                                            host_float64, set_weights)
 from gradnet_cupy.tangent import logit_jacobian
-from gradnet_cupy.train_base import atomic_write
+from gradnet_cupy.files import atomic_write
 
 METHODS = ('geodesic', 'fip')
 DIVERGENCES = ('kl', 'l2')

@@ -24,7 +24,8 @@ from gradnet_cupy.chainer_compat import chainer
 from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.gradnet.model import GradNet
 from gradnet_cupy.normalize import load_normalizer
-from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
+from gradnet_cupy.files import atomic_write
+from gradnet_cupy.train_base import load_snapshot, save_snapshot
 
 WORK_SUFFIX = '.partial'
 CHECKPOINT = 'checkpoint.npz'

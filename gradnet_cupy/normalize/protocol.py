@@ -18,7 +18,7 @@ import numpy as np
 
 from gradnet_cupy.kernels import CSR
 from gradnet_cupy.tangent import ParameterLayout
-from gradnet_cupy.train_base import atomic_write
+from gradnet_cupy.files import atomic_write
 
 STATE_FILE = 'normalizer.npz'
 

@@ -24,7 +24,8 @@ import numpy as np
 from gradnet_cupy.backend import get_array_module
 from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.train_base import atomic_write, load_snapshot, save_snapshot
+from gradnet_cupy.files import atomic_write
+from gradnet_cupy.train_base import load_snapshot, save_snapshot
 
 CONFIG_FILE = 'rbm.json'
 SNAPSHOT_FILE = 'rbm.npz'
