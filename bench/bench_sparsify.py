@@ -17,8 +17,21 @@ a lower bound of what a plain-library implementation would cost:
   GPU  cupy.partition and cupy.sort of |g| per segment, and torch.kthvalue
        and torch.topk where torch imports.
 
+Model columns (--model): the CUDA path's launch sequence runs on the CPU
+emulator of sparsify.cu (tests/cuda_emulation) for --model-rows rows of
+each model workload (the cnn's 640 x 130,240 call, 256 rows x 1M columns),
+which counts every byte each launch reads and writes in global memory; the
+counts are scaled to the workload's rows (exact for the traffic of g and of
+the per-task arrays, which is the same for every row of a case; the
+candidate traffic depends on the values and is that of the emulated rows)
+and bench/roofline.py turns them into a predicted H100 / H200 time. The
+model is printed in its own lines, labelled "model", and stored under
+"model" in the JSON, never mixed with the measured figures.
+
 Usage:  python bench/bench_sparsify.py [--device auto|cpu|gpu] [--rows N]
         [--repeat R] [--quick] [--output PATH]
+        python bench/bench_sparsify.py --model [--model-rows 2]
+        [--output PATH]     (model only, no timing)
 """
 import argparse
 import datetime
@@ -30,12 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
+import roofline
 from common import device_name, result_path
 from gradnet_cupy.backend import import_cupy, resolve_device, to_numpy
 from gradnet_cupy.kernels import percentile_sparsify
+from gradnet_cupy.kernels import sparsify
 from gradnet_cupy.kernels.sparsify import percentile_ranks
 
 CASES = {'cnn': [4800, 102400, 23040], 'segment-1M': [1_000_000]}
+# the model's workloads: (rows, segment sizes)
+MODEL_CASES = {'cnn': (640, CASES['cnn']), 'segment-1M': (256, CASES['segment-1M'])}
 Q = 85.0
 
 
@@ -166,6 +183,42 @@ def run_case(name, sizes, rows, device, timer, bandwidth, check):
     return result
 
 
+def model_case(name, rows, sizes, model_rows, devices=('H200', 'H100-SXM')):
+    """Emulator-counted bytes of the CUDA path on ``model_rows`` rows of a
+    workload, scaled to ``rows``, and the roofline model's prediction."""
+    host = np.random.default_rng(0).standard_normal(
+        (model_rows, sum(sizes))).astype(np.float32)
+    starts = sparsify.segment_offsets(sizes, host.shape[1])
+    launch, launches = roofline.counting_launcher(
+        sparsify.CUDA_SOURCE, in_flight=sparsify.IN_FLIGHT_BYTES,
+        block_bytes=lambda kernel, grid, args, traffic: (
+            (traffic.read + traffic.written) * sparsify.block_elements(
+                kernel, starts) / host.size))
+    csr = sparsify.sparsify_launch_sequence(host, starts, Q / 100, launch, np,
+                                            sparsify.GPU_BLOCK)
+    reference = percentile_sparsify(host, sizes, Q)
+    exact = all(np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                for a, b in zip(csr[:3], reference[:3]))
+    scaled = [roofline.scaled(launch, rows / model_rows) for launch in launches]
+    nbytes = rows * sum(sizes) * 4
+    result = {'case': name, 'rows': rows, 'sizes': sizes, 'q': Q,
+              'emulated_rows': model_rows, 'bytes_of_g': nbytes,
+              'matches_numpy': exact,
+              'model': {device: roofline.model_columns(scaled, nbytes, device)
+                        for device in devices}}
+    h200 = result['model']['H200']
+    print(f"model {name:12s} {rows} x {sum(sizes):,}: emulator-counted reads "
+          f"{h200['read_per_payload_byte']:.3f} x g, writes "
+          f"{h200['written_per_payload_byte']:.3f} x g, {len(launches)} launches; "
+          + '; '.join(f"{d} model {m['seconds'] * 1e3:.3f} ms = "
+                      f"{m['payload_GBps']:.0f} GB/s of g "
+                      f"({100 * m['fraction_of_roof']:.1f}% of the "
+                      f"{m['roof_GBps']:.0f} GB/s roof)"
+                      for d, m in result['model'].items())
+          + ('' if exact else '  MISMATCH with the NumPy reference'), flush=True)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'gpu'])
@@ -174,7 +227,25 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true',
                         help='32 rows and 2 repeats: a smoke run, not for results')
     parser.add_argument('--output', type=Path, default=None)
+    parser.add_argument('--model', action='store_true',
+                        help='only the roofline model from emulator-counted '
+                             'bytes (no timing); writes '
+                             'bench/results/sparsify-model.json')
+    parser.add_argument('--model-rows', type=int, default=2,
+                        help='rows emulated per model workload')
     args = parser.parse_args(argv)
+    if args.model:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        report = {'kind': 'model', 'date': now.isoformat(timespec='seconds'),
+                  'command': ' '.join(['python', 'bench/bench_sparsify.py']
+                                      + (argv or sys.argv[1:])),
+                  'assumptions': roofline.assumptions(),
+                  'cases': [model_case(name, rows, sizes, args.model_rows)
+                            for name, (rows, sizes) in MODEL_CASES.items()]}
+        output = args.output or roofline.ROOT / 'bench' / 'results' / 'sparsify-model.json'
+        output.write_text(json.dumps(report, indent=2) + '\n')
+        print(f'wrote {output}')
+        return
     device = resolve_device(args.device)
     rows, repeat = (32, 2) if args.quick else (args.rows, args.repeat)
     timer = Timer(device, repeat)

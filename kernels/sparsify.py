@@ -52,6 +52,9 @@ from gradnet_cupy.kernels.csr import CSR, check_csr
 
 CUDA_SOURCE = 'sparsify.cu'
 GPU_BLOCK = 512  # threads per block of both sparsify kernels on the GPU
+# bytes of g each thread keeps in flight (independent loads), per kernel,
+# for the roofline model of bench/roofline.py
+IN_FLIGHT_BYTES = {'percentile_select': 4 * 4, 'percentile_compact': 8 * 4}
 MAX_COLUMNS = 2**31 - 1  # CSR indices are int32
 CHUNK_BYTES = 16 << 20  # the NumPy path works through g in blocks of rows
 NONFINITE_MESSAGE = ('g contains NaN or Inf: sparsification needs finite '
@@ -276,6 +279,13 @@ def _keep_above(magnitude, quantile):
     b = magnitude[:, hi:].min(axis=1) if hi > lo else a
     threshold = interpolate(a.astype(np.float64), b.astype(np.float64), gamma)
     return np.where(threshold < b, a, b)
+
+
+def block_elements(kernel, starts):
+    """Entries of g the busiest thread block of ``kernel`` reads (for the
+    roofline model): one block per (row, segment), so the longest
+    segment. starts: (n_seg + 1,) segment offsets."""
+    return int(np.diff(starts).max())
 
 
 def sparsify_launch_sequence(g, starts, quantile, launch, xp, block):
