@@ -29,6 +29,22 @@ every measured point: ``auto_over_best`` is its time over the faster path's
 
     OPENBLAS_NUM_THREADS=1 python bench/bench_metric.py --device cpu --install
     python bench/bench_metric.py --device gpu --install
+
+Model (``--model``, no timing): the sparse CUDA path (block_outer.cu through
+``sparse_launch``) runs on the CPU emulator (tests/cuda_emulation) for the
+per_unit blocks of the cnn (3x24x24 input, cap 256: 642 blocks over 130,240
+columns) at densities 1%, 5%, 15%, 30%: one block of every distinct size,
+on a CSR of that block's columns and ``--model-rows`` rows, each counted
+launch scaled to the workload's rows (``--model-batch``, default 640: the
+cnn's sparsify call) and to the number of blocks of that size (the
+traffic per block and row is statistically the same). Printed per density:
+counted global bytes read and written, row visits (a tile's pass over one
+row), and bench/roofline.py's predicted H200 time, labelled "model"; beside
+them the dense path's bytes, an analytic count of its array operations
+(zero-filled ``X``, ``X * w``, one GEMM reading each operand once, the
+update of ``G``), not emulated. Writes bench/results/metric-model.json.
+
+    python bench/bench_metric.py --model
 """
 import argparse
 import datetime
@@ -41,9 +57,11 @@ from pathlib import Path
 import numpy as np
 
 import gradnet_cupy
+import roofline
 from common import best_cpu_time, best_time, device_name, result_path
 from gradnet_cupy.backend import array_module, resolve_device
 from gradnet_cupy.kernels import CSR, Blocks, block_outer_accumulate
+from gradnet_cupy.kernels import block_outer
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = ROOT / 'kernels' / 'block_outer_crossover.json'
@@ -180,6 +198,93 @@ def install(result, results_file):
     PACKAGED.write_text(json.dumps(table, indent=2) + '\n')
 
 
+MODEL_DENSITIES = (0.01, 0.05, 0.15, 0.30)
+
+
+def cnn_unit_blocks():
+    """The per_unit Blocks of the cnn on 3x24x24 input (the metric's
+    default partition and cap)."""
+    from gradnet_cupy.metric import layout_blocks
+    from gradnet_cupy.models import build_model
+    from gradnet_cupy.tangent.layout import parameter_layout
+
+    return layout_blocks(parameter_layout(build_model('cnn', (3, 24, 24), 10)))[0]
+
+
+def dense_bytes(rows, size, nnz):
+    """Analytic global bytes of the dense path on one block in float64:
+    zero-fill of X (rows x size), the scatter of the nnz entries (block
+    slot, row, column in, value in and out), X * w (read and write), one
+    GEMM reading both operands once and writing size^2, and G += product
+    through an index array (read product, index, G; write G)."""
+    return (8 * rows * size * (1 + 2 + 2) + nnz * (8 + 8 + 8 + 4 + 8)
+            + 8 * size * size * (1 + 1 + 1 + 1 + 1))
+
+
+def model_point(blocks, density, rows, batch, rng):
+    """Counted launches (scaled to ``batch`` rows and every block), row
+    visits and dense bytes of one density."""
+    sizes, counts = np.unique(blocks.sizes, return_counts=True)
+    launches, visits, dense, nnz_total = [], 0, 0, 0
+    for size, count in zip(sizes.tolist(), counts.tolist()):
+        one = Blocks.contiguous([size])
+        csr = random_batch(rng, rows, size, density, np)
+        launch, counted = roofline.counting_launcher(
+            block_outer.CUDA_SOURCE, block_outer.CUDA_NAME_EXPRESSIONS,
+            in_flight=block_outer.IN_FLIGHT_BYTES)
+        G = np.zeros(one.packed_size)
+        block_outer.sparse_launch(launch, csr, one, G,
+                                  np.ones(rows, np.float32),
+                                  np.ones(1, dtype=bool))
+        # G (the last argument) does not grow with the rows; the tiles and
+        # every other argument's traffic scale with the blocks of the size
+        launches += [roofline.scaled(
+            c, count * batch / rows, fixed=block_outer.FIXED_ARGUMENTS[c.name],
+            fixed_factor=count, blocks_factor=count) for c in counted]
+        visits += count * batch / rows * block_outer.row_visits(csr, one)
+        dense += count * dense_bytes(batch, size, csr.nnz * batch / rows)
+        nnz_total += count * csr.nnz * batch / rows
+    model = roofline.model_columns(launches, 8 * nnz_total, 'H200')
+    point = {'density': density, 'rows': batch, 'emulated_rows': rows,
+             'nnz': nnz_total, 'row_visits': visits,
+             'bytes_read': model['bytes_read'],
+             'bytes_written': model['bytes_written'],
+             'dense_bytes_analytic': dense,
+             'model_H200_seconds': model['seconds'],
+             'model_H200_dense_seconds_at_roof':
+                 dense / (model['roof_GBps'] * 1e9),
+             'model': model}
+    print(f"model density {density:4.2f}: sparse kernel reads "
+          f"{point['bytes_read'] / 1e6:9.1f} MB, writes "
+          f"{point['bytes_written'] / 1e6:7.1f} MB, row visits "
+          f"{visits / 1e6:8.3f} M, H200 model {model['seconds'] * 1e3:8.3f} ms"
+          f" | dense path (analytic) {dense / 1e6:9.1f} MB = "
+          f"{point['model_H200_dense_seconds_at_roof'] * 1e3:7.3f} ms at the "
+          f"roof", flush=True)
+    return point
+
+
+def model(args):
+    blocks = cnn_unit_blocks()
+    rng = np.random.default_rng(args.seed)
+    print(f'cnn per_unit blocks: {len(blocks)} over {blocks.n_columns:,} '
+          f'columns, {args.model_batch} rows (emulated {args.model_rows})')
+    points = [model_point(blocks, density, args.model_rows, args.model_batch,
+                          rng) for density in MODEL_DENSITIES]
+    result = {'kind': 'model', 'kernel': block_outer.CUDA_KERNELS[
+                  np.dtype(np.float64)][0],
+              'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec='seconds'),
+              'command': ' '.join(['python'] + sys.argv),
+              'workload': {'blocks': len(blocks),
+                           'columns': int(blocks.n_columns),
+                           'rows': args.model_batch},
+              'assumptions': roofline.assumptions(), 'points': points}
+    out = args.out or ROOT / 'bench' / 'results' / 'metric-model.json'
+    out.write_text(json.dumps(result, indent=2) + '\n')
+    print(f'wrote {out}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='auto',
@@ -197,7 +302,14 @@ def main():
     parser.add_argument('--out', type=Path, default=None)
     parser.add_argument('--install', action='store_true',
                         help='copy the crossovers into the packaged table')
+    parser.add_argument('--model', action='store_true',
+                        help='only the roofline model of the sparse kernel '
+                             'from emulator-counted bytes (module doc)')
+    parser.add_argument('--model-rows', type=int, default=64)
+    parser.add_argument('--model-batch', type=int, default=640)
     args = parser.parse_args()
+    if args.model:
+        return model(args)
     if args.rows is None:
         args.rows = 2048 if resolve_device(args.device) == 'gpu' else 128
     result, cases = measure(args)

@@ -87,6 +87,7 @@ class Launch(NamedTuple):
     written: int
     in_flight: int
     block_bytes: Optional[float] = None
+    by_argument: Optional[dict] = None
 
 
 def roof_GBps(device, roof='measured'):
@@ -194,19 +195,29 @@ def counting_launcher(filename, name_expressions=(), in_flight=None,
         launches.append(Launch(
             name, blocks, threads, static_shared(name) + shared_mem,
             traffic.read, traffic.written, (in_flight or {})[name],
-            block_bytes(name, grid, args, traffic) if block_bytes else None))
+            block_bytes(name, grid, args, traffic) if block_bytes else None,
+            traffic.by_argument))
         return traffic
 
     return launch, launches
 
 
-def scaled(launch, factor):
-    """A :class:`Launch` of ``factor`` times the blocks and bytes (the same
-    busiest block): the launch of a batch ``factor`` times as many rows,
-    for kernels whose traffic per row does not depend on the other rows."""
-    return launch._replace(blocks=round(launch.blocks * factor),
-                           read=round(launch.read * factor),
-                           written=round(launch.written * factor))
+def scaled(launch, factor, fixed=(), fixed_factor=1.0, blocks_factor=None):
+    """A :class:`Launch` of ``factor`` times the bytes (the same busiest
+    block): the launch of a batch ``factor`` times as many rows, for
+    kernels whose traffic per row does not depend on the other rows. The
+    traffic of the argument positions ``fixed`` (e.g. an output whose size
+    does not grow with the rows) is scaled by ``fixed_factor`` instead; the
+    blocks by ``blocks_factor`` (default ``factor``)."""
+    fixed_read = sum(launch.by_argument[p][0] for p in fixed)
+    fixed_written = sum(launch.by_argument[p][1] for p in fixed)
+    blocks = factor if blocks_factor is None else blocks_factor
+    return launch._replace(
+        blocks=max(1, round(launch.blocks * blocks)),
+        read=round((launch.read - fixed_read) * factor
+                   + fixed_read * fixed_factor),
+        written=round((launch.written - fixed_written) * factor
+                      + fixed_written * fixed_factor))
 
 
 def assumptions():

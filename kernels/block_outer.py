@@ -56,6 +56,12 @@ CUDA_TILE = 32                    # TILE of block_outer.cu
 CUDA_KERNELS = {np.dtype(np.float32): ('block_outer<float, 8>', 8 * 32),
                 np.dtype(np.float64): ('block_outer<double, 4>', 4 * 64)}
 CUDA_NAME_EXPRESSIONS = tuple(name for name, _ in CUDA_KERNELS.values())
+# bytes of global loads in flight per thread (for bench/roofline.py): the
+# binary searches issue one dependent 8-byte load at a time
+IN_FLIGHT_BYTES = {name: 8 for name in CUDA_NAME_EXPRESSIONS}
+# per kernel, the argument positions whose traffic does not grow with the
+# rows of the batch (G, the tile lists, the block ranges), for the bench
+FIXED_ARGUMENTS = {name: (5, 6, 7, 8, 9, 10, 11) for name in CUDA_NAME_EXPRESSIONS}
 CROSSOVER_FILE = 'block_outer_crossover.json'
 PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
 DENSE_CHUNK = 1 << 24   # entries of the zero-filled (blocks, rows, size) slab
@@ -144,6 +150,13 @@ def sparse_launch(launch, csr, blocks, G, w, selected):
     launch(name, (len(tiles[0]),), (threads,), 0,
            (*arrays, np.int64(csr.shape[0]), device.starts, device.sizes,
             device.offsets, *tiles, G))
+
+
+def row_visits(csr, blocks, selected=None):
+    """Passes of the kernel's tiles over CSR rows (host count, for the
+    bench): every tile of a selected block visits every row."""
+    selected = np.ones(len(blocks), bool) if selected is None else selected
+    return len(tile_list(blocks, selected)[0]) * csr.shape[0]
 
 
 def tile_list(blocks, selected):
