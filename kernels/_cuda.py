@@ -3,7 +3,7 @@
 A kernel wrapper asks for a *launch* callable::
 
     launch = launcher('sparsify.cu')
-    launch('percentile_select', grid, block, shared_mem, args)
+    launch('sparsify_sample', grid, block, shared_mem, args)
 
 which runs a kernel of that source on the current CuPy device and the current
 CuPy stream (wrap the calls in ``with stream:`` to honour a ``stream=``

@@ -44,10 +44,9 @@ STATIC_SHARED_LIMIT = 48 * 1024   # static __shared__ per block
 
 # (source, kernel: an extern "C" name or a CuPy name expression, threads per
 # block of the wrapper's launch)
-LAUNCHES = (
-    (sparsify.CUDA_SOURCE, 'percentile_select', sparsify.GPU_BLOCK),
-    (sparsify.CUDA_SOURCE, 'percentile_compact', sparsify.GPU_BLOCK),
-) + tuple((block_outer.CUDA_SOURCE, name, threads)
+LAUNCHES = tuple(
+    (sparsify.CUDA_SOURCE, name, sparsify.GPU_BLOCK)
+    for name in sparsify.KERNELS) + tuple((block_outer.CUDA_SOURCE, name, threads)
           for name, threads in block_outer.CUDA_KERNELS.values())
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")

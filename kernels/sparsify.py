@@ -41,20 +41,30 @@ host waits): it allocates the output at a bound the host knows
 (:func:`kept_capacity`) and reads the kept count once, at the end.
 """
 import contextlib
+import math
 import numbers
 
 import numpy as np
 
 from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.errors import GradnetError
-from gradnet_cupy.kernels._cuda import device_constant, launcher
+from gradnet_cupy.kernels._cuda import device_constants, launcher
 from gradnet_cupy.kernels.csr import CSR, check_csr
 
 CUDA_SOURCE = 'sparsify.cu'
 GPU_BLOCK = 512  # threads per block of both sparsify kernels on the GPU
-# bytes of g each thread keeps in flight (independent loads), per kernel,
-# for the roofline model of bench/roofline.py
-IN_FLIGHT_BYTES = {'percentile_select': 4 * 4, 'percentile_compact': 8 * 4}
+ITEMS = 16             # entries per thread of a chunk (sparsify.cu)
+SAMPLE_KEYS = 8192     # shared-memory keys: a staged segment or sample
+SAMPLE_RUN = 32        # consecutive entries per sample run
+SAMPLE_MARGIN = 3.0    # standard deviations of a sample quantile
+INFO_COLUMNS = 8       # columns of the per-segment plan (segment_plan)
+KERNELS = ('sparsify_sample', 'sparsify_split', 'sparsify_resolve',
+           'sparsify_fallback', 'sparsify_compact')
+# bytes of global loads each thread keeps in flight (independent loads),
+# per kernel, for the roofline model of bench/roofline.py
+IN_FLIGHT_BYTES = {'sparsify_sample': 4, 'sparsify_split': 4 * ITEMS,
+                   'sparsify_resolve': 4, 'sparsify_fallback': 4,
+                   'sparsify_compact': 4 * ITEMS}
 MAX_COLUMNS = 2**31 - 1  # CSR indices are int32
 CHUNK_BYTES = 16 << 20  # the NumPy path works through g in blocks of rows
 NONFINITE_MESSAGE = ('g contains NaN or Inf: sparsification needs finite '
@@ -288,26 +298,110 @@ def block_elements(kernel, starts):
     return int(np.diff(starts).max())
 
 
-def sparsify_launch_sequence(g, starts, quantile, launch, xp, block):
+def segment_plan(starts, quantile, block, sample_keys=SAMPLE_KEYS):
+    """The per-segment plan the kernels of ``sparsify.cu`` read, built on
+    the host from the segment offsets ``starts`` ((n_seg + 1,) int64),
+    ``quantile`` = q / 100 and the threads per ``block``.
+
+    Returns ``(info, gamma, chunk_seg)``: ``info`` int64 (n_seg + 1,
+    INFO_COLUMNS), row s = [first column, lo, hi (:func:`percentile_ranks`),
+    sample length (= the segment length when it is at most ``sample_keys``:
+    staged whole), sample rank of the lower and of the upper candidate key
+    (:func:`sample_ranks`), first chunk of the segment in a row (chunks of
+    ``block * ITEMS`` entries), offset of its candidate region in a row],
+    the last row holding the ends (n, the most candidates staged in shared
+    memory (``sample_keys``), chunks per row, candidate entries per row in
+    columns 0, 1, 6 and 7); ``gamma`` float64 (n_seg,); ``chunk_seg``
+    int32 (chunks per row,): the segment of each chunk of a row.
+    """
+    if not 2 * SAMPLE_RUN <= sample_keys <= SAMPLE_KEYS:
+        raise ValueError(f'sample_keys must lie in [{2 * SAMPLE_RUN}, '
+                         f'{SAMPLE_KEYS}], got {sample_keys}')
+    lengths = np.diff(np.asarray(starts, dtype=np.int64)).tolist()
+    chunk = block * ITEMS
+    info = np.zeros((len(lengths) + 1, INFO_COLUMNS), dtype=np.int64)
+    gamma = np.zeros(len(lengths), dtype=np.float64)
+    chunks = [-(-m // chunk) for m in lengths]
+    first_chunk = first_candidate = 0
+    for s, m in enumerate(lengths):
+        lo, hi, gamma[s] = percentile_ranks(m, quantile)
+        sample, sample_lo, sample_hi, capacity = sample_ranks(
+            m, lo, hi, quantile, sample_keys)
+        info[s] = (starts[s], lo, hi, sample, sample_lo, sample_hi,
+                   first_chunk, first_candidate)
+        first_chunk += chunks[s]
+        first_candidate += capacity
+    info[-1, [0, 1, 6, 7]] = (starts[-1], sample_keys, first_chunk,
+                              first_candidate)
+    chunk_seg = np.repeat(np.arange(len(lengths)), chunks).astype(np.int32)
+    return info, gamma, chunk_seg
+
+
+def sample_ranks(m, lo, hi, quantile, sample_keys=SAMPLE_KEYS):
+    """``(sample, sample_lo, sample_hi, capacity)`` of a segment of ``m``
+    entries whose target ranks are ``lo <= hi``.
+
+    ``m <= sample_keys``: the segment is staged whole (``sample = m``, no
+    candidates). Otherwise ``sample`` entries (runs of SAMPLE_RUN, a multiple
+    of it, about ``(3 m)^(2/3)``: the sample's cost and the candidates'
+    balance) and the sample ranks of the keys that bracket the targets:
+    the ranks the targets would have in the sample, widened by
+    ``SAMPLE_MARGIN`` standard deviations of a sample quantile plus one
+    run (-1 / ``sample``: no bracket on that side). ``capacity``: the
+    candidate entries the task may keep (twice those expected, at least
+    m / 8, plus 64); more, or targets outside the bracket, send the task to
+    the exact fallback. Only speed depends on these choices, never the
+    result.
+    """
+    if m <= sample_keys:
+        return m, 0, 0, 0
+    sample = min(sample_keys // SAMPLE_RUN,
+                 max(2, int((3.0 * m) ** (2 / 3)) // SAMPLE_RUN)) * SAMPLE_RUN
+    margin = (math.ceil(SAMPLE_MARGIN * math.sqrt(
+        sample * quantile * (1.0 - quantile))) + SAMPLE_RUN)
+    sample_lo = max(-1, lo * sample // m - margin)
+    sample_hi = min(sample, -(-hi * sample // m) + margin)
+    expected = (sample_hi - sample_lo + 1) * m // sample
+    return sample, sample_lo, sample_hi, max(2 * expected, m // 8) + 64
+
+
+def block_elements(kernel, starts, block=GPU_BLOCK):
+    """Entries of g the busiest thread block of ``kernel`` reads (for the
+    roofline model of bench/roofline.py): a chunk for the kernels with one
+    block per chunk; for those with one block per task, a staged segment
+    (``sparsify_sample``), nothing of g (``sparsify_resolve``) or, for the
+    rare fallback, the longest segment."""
+    longest = int(np.diff(starts).max())
+    return {'sparsify_sample': min(longest, SAMPLE_KEYS),
+            'sparsify_split': block * ITEMS, 'sparsify_compact': block * ITEMS,
+            'sparsify_resolve': 0, 'sparsify_fallback': longest}[kernel]
+
+
+def sparsify_launch_sequence(g, starts, quantile, launch, xp, block,
+                             sample_keys=SAMPLE_KEYS):
     """The host side of the CUDA path, shared by the CuPy path and the CPU
     emulation (tests/cuda_emulation): :func:`sparsify_launches`, then its
     one host wait. Returns the CSR (``xp`` arrays); GradnetError when g has
     NaN or Inf."""
-    return sparsify_launches(g, starts, quantile, launch, xp, block).result()
+    return sparsify_launches(g, starts, quantile, launch, xp, block,
+                             sample_keys).result()
 
 
-def sparsify_launches(g, starts, quantile, launch, xp, block):
+def sparsify_launches(g, starts, quantile, launch, xp, block,
+                      sample_keys=SAMPLE_KEYS):
     """Queues the kernels of the CUDA path on the current stream, without a
-    host wait (but for the first upload of ``starts`` to a device, see
-    ``_cuda.device_constant``).
+    host wait (but for the first upload of the plan to a device, see
+    ``_cuda.device_constants``).
 
     g: (rows, n) float32 array of module ``xp``; starts: (n_seg + 1,) int64
     host segment offsets; quantile = q / 100 (checked);
     launch(name, grid, block, shared_mem, args) runs a kernel of
-    ``sparsify.cu``; block: threads per block, a power of two <= 1024.
-    The output arrays are allocated at the bound :func:`kept_capacity` per
-    row, which the host knows without looking at g. Returns a
-    :class:`PendingCSR`.
+    ``sparsify.cu``; block: threads per block, a power of two <= 1024;
+    sample_keys: the longest segment staged whole, and the largest sample
+    (:func:`segment_plan`; the tests lower it to reach the sampled path
+    with small inputs). The output arrays are allocated at the bound
+    :func:`kept_capacity` per row, which the host knows without looking at
+    g. Returns a :class:`PendingCSR`.
     """
     if block & (block - 1) or not 0 < block <= 1024:
         raise ValueError(f'block must be a power of two <= 1024, got {block}')
@@ -323,16 +417,38 @@ def sparsify_launches(g, starts, quantile, launch, xp, block):
     bad = xp.zeros(1, dtype=xp.int32)
     stream = None if xp is np else xp.cuda.get_current_stream()
     if tasks:
-        keep_above = xp.empty(tasks, dtype=xp.uint32)
-        counts = xp.empty(tasks, dtype=xp.int64)
-        layout = (g, np.int64(n), device_constant(starts, xp), np.int32(n_seg))
-        launch('percentile_select', (tasks,), (block,), 0,
-               layout + (np.float64(quantile), keep_above, counts, bad))
-        ends = xp.cumsum(counts)
+        info, gamma, chunk_seg = segment_plan(starts, quantile, block,
+                                              sample_keys)
+        chunks_per_row, candidates = int(info[-1, 6]), int(info[-1, 7])
+        chunks = rows * chunks_per_row
+        info, gamma, chunk_seg = device_constants((info, gamma, chunk_seg),
+                                                  xp)
+        plan = (info, gamma, np.int32(n_seg))
+        source = (g, np.int64(n)) + plan
+        status = xp.empty(tasks, dtype=xp.int32)
+        lo_key, hi_key, keep_above = (xp.empty(tasks, dtype=xp.uint32)
+                                      for _ in range(3))
+        chunk_kept = xp.empty(chunks, dtype=xp.int64)
+        launch('sparsify_sample', (tasks,), (block,), 0,
+               source + (lo_key, hi_key, status, keep_above, chunk_kept, bad))
+        if candidates:  # some segment is sampled
+            below, cand_n = (xp.zeros(tasks, dtype=xp.uint32) for _ in range(2))
+            cand = xp.empty(rows * candidates, dtype=xp.uint32)
+            cand_start, cand_count = (xp.empty(chunks, dtype=xp.uint32)
+                                      for _ in range(2))
+            launch('sparsify_split', (chunks,), (block,), 0,
+                   source + (chunk_seg, status, lo_key, hi_key, below, cand_n,
+                             cand, cand_start, cand_count, chunk_kept, bad))
+            launch('sparsify_resolve', (tasks,), (block,), 0,
+                   plan + (status, below, cand_n, cand, cand_start,
+                           cand_count, keep_above, chunk_kept))
+            launch('sparsify_fallback', (tasks,), (block,), 0,
+                   source + (status, keep_above, chunk_kept))
+        ends = xp.cumsum(chunk_kept)
         if capacity:
-            launch('percentile_compact', (tasks,), (block,), 0,
-                   layout + (keep_above, ends, indices, data))
-        indptr[1:] = ends[n_seg - 1::n_seg]
+            launch('sparsify_compact', (chunks,), (block,), 0,
+                   source + (chunk_seg, keep_above, ends, indices, data))
+        indptr[1:] = ends[chunks_per_row - 1::chunks_per_row]
     return PendingCSR(indptr, indices, data, (rows, n), bad, stream)
 
 

@@ -35,12 +35,17 @@ from gradnet_cupy.backend import gpu_available, import_cupy, to_numpy
 from gradnet_cupy.kernels import CSR, block_outer_accumulate, percentile_sparsify
 from gradnet_cupy.kernels.block_outer import (CUDA_NAME_EXPRESSIONS,
                                               CUDA_SOURCE, sparse_launch)
-from gradnet_cupy.kernels.sparsify import (check_q, segment_offsets,
+from gradnet_cupy.kernels.sparsify import (SAMPLE_KEYS, check_q,
+                                           segment_offsets,
                                            sparsify_launch_sequence)
 
 BACKENDS = ('numpy', 'emulated', 'cupy')
 SPARSIFY_SOURCE = 'sparsify.cu'
 EMULATED_BLOCK = 32  # threads per block of an emulated sparsify launch
+# the longest segment an emulated sparsify launch stages whole: longer ones
+# take the sampled path (sample, split, resolve, fallback), so that small
+# cases reach it
+EMULATED_SAMPLE_KEYS = 64
 
 
 class KernelBackend:
@@ -87,11 +92,12 @@ class KernelBackend:
             self.csr(csr), blocks, self.xp.array(G), self.array(weights),
             selected))
 
-    def launch_sequence(self, g, sizes, q, block):
-        """The CUDA path of percentile_sparsify on this tier's launcher."""
+    def launch_sequence(self, g, sizes, q, block, sample_keys=SAMPLE_KEYS):
+        """The CUDA path of percentile_sparsify on this tier's launcher
+        (``sample_keys``: see sparsify_launches)."""
         return sparsify_launch_sequence(
             g, segment_offsets(sizes, g.shape[1]), check_q(q) / 100.0,
-            self.launcher(SPARSIFY_SOURCE), self.xp, block)
+            self.launcher(SPARSIFY_SOURCE), self.xp, block, sample_keys)
 
     def launcher(self, filename, name_expressions=()):
         """``launch(name, grid, block, shared_mem, args)`` for the kernels of
@@ -123,7 +129,8 @@ class EmulatedBackend(KernelBackend):
         return package_module(filename, tuple(name_expressions)).launch
 
     def _sparsify(self, g, sizes, q, block):
-        return self.launch_sequence(g, sizes, q, block or EMULATED_BLOCK)
+        return self.launch_sequence(g, sizes, q, block or EMULATED_BLOCK,
+                                    EMULATED_SAMPLE_KEYS)
 
     def _accumulate(self, csr, blocks, G, weights, method):
         if method != 'sparse':

@@ -170,11 +170,11 @@ def test_sparsify_runs_on_the_stream_and_waits_once(fake, rng):
         result = percentile_sparsify(device(g), sizes, 85.0, stream=stream)
         assert_all_on(fake.log, stream)
         # the first call uploads the segment offsets and waits for them;
-        # every call reads nnz and the NaN flag once, after both kernels
+        # every call reads nnz and the NaN flag once, after the kernels
         expected = [('wait', stream)] if call == 0 else []
         assert waits(fake.log) == expected + [('read', stream)]
         kinds = [kind for kind, _ in fake.log]
-        assert kinds.index('read') > kinds.index('launch percentile_compact')
+        assert kinds.index('read') > kinds.index('launch sparsify_compact')
         assert_csr_identical(CSR(*(np.asarray(a) for a in result[:3]),
                                  result.shape),
                              percentile_sparsify(g, sizes, 85.0))

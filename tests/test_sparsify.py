@@ -16,9 +16,12 @@ from hypothesis.extra import numpy as hnp
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import (CSR, fixed_index_sets, gather_fixed,
                                   percentile_sparsify)
-from gradnet_cupy.kernels.sparsify import (GPU_BLOCK, kept_capacity,
+from gradnet_cupy.kernels.sparsify import (GPU_BLOCK, SAMPLE_KEYS, check_q,
+                                           kept_capacity,
                                            percentile_sparsify_async,
-                                           segment_offsets, sparsify_launches)
+                                           sample_ranks, segment_offsets,
+                                           sparsify_launch_sequence,
+                                           sparsify_launches)
 from kernel_backends import per_tier
 from sparsify_cases import (HARD_CASE_NAMES, NONFINITE, TINY,
                             assert_csr_identical, hard_case, with_nonfinite)
@@ -257,6 +260,62 @@ def test_async_form_gives_the_same_csr(backend, rng):
     assert_csr_identical(result, oracle(g, sizes, 80.0))
     if backend.name != 'numpy':
         assert pending.indices.shape == (5 * kept_capacity(starts, 0.8),)
+
+
+def emulated_run(backend, g, sizes, q, block, sample_keys):
+    """The CUDA path on the emulated tier with ``sample_keys``; returns the
+    host CSR and {kernel: bytes of g it read}."""
+    reads = {}
+    launch = backend.launcher('sparsify.cu')
+
+    def counting(name, grid, threads, shared, args):
+        traffic = launch(name, grid, threads, shared, args)
+        reads[name] = traffic.by_argument.get(0, (0, 0))[0] if args[0] is g else 0
+        return traffic
+
+    result = sparsify_launch_sequence(g, segment_offsets(sizes, g.shape[1]),
+                                      check_q(q) / 100.0, counting, np, block,
+                                      sample_keys)
+    return backend.host_csr(result), reads
+
+
+@pytest.mark.backends('emulated')
+def test_segments_staged_whole_over_several_chunks(backend, rng):
+    """With the GPU's sample size every segment here is staged in shared
+    memory once (sparsify_sample resolves it and counts the kept entries of
+    its chunks of 32 x 16); split, resolve and fallback are not launched."""
+    sizes = [1, 300, 1500]
+    g = rng.standard_normal((2, sum(sizes))).astype(np.float32)
+    g[1, 300:] = np.round(g[1, 300:])  # ties
+    for q in (10.0, 85.0):
+        result, reads = emulated_run(backend, g, sizes, q, 32, SAMPLE_KEYS)
+        assert_csr_identical(result, oracle(g, sizes, q))
+        assert reads == {'sparsify_sample': g.nbytes,
+                         'sparsify_compact': g.nbytes}
+
+
+@pytest.mark.backends('emulated')
+def test_misleading_sample_takes_the_exact_fallback(backend, rng):
+    """The sample of a 3,000-entry segment (8 runs of 32, evenly spaced from
+    its first entry to its last, as sparsify.cu takes them) sees only tiny
+    magnitudes, so the bracket lies below the target ranks and
+    sparsify_fallback reads the whole segment; a constant 2,000-entry
+    segment overflows its candidate buffer and falls back too. The result
+    stays exact."""
+    sizes, q = [3000, 2000], 30.0
+    g = rng.standard_normal((2, 5000)).astype(np.float32) + 10
+    sample = sample_ranks(3000, 899, 900, 0.3, 256)[0]
+    assert sample == 8 * 32
+    for run in range(8):
+        first = run * (3000 - 32) // 7
+        g[:, first:first + 32] = np.float32(1e-3)
+    g[1, 3000:] = np.float32(-2.5)
+    result, reads = emulated_run(backend, g, sizes, q, 32, 256)
+    assert_csr_identical(result, oracle(g, sizes, q))
+    # the fallback reads segment 0 of both rows five times (three radix
+    # passes, the least key above a, the count per chunk) and the constant
+    # segment four times (b = a)
+    assert reads['sparsify_fallback'] == 4 * (5 * 2 * 3000 + 4 * 2000)
 
 
 @pytest.mark.parametrize('q', [0, 100, -1, 100.5, float('nan'), '85', True, None])

@@ -139,6 +139,11 @@ class BlockBarrier {
         if (++arrived_ == expected_) {
             arrived_ = 0;
             ++generation_;
+            // the waiters are released now, before they run again: a lane
+            // that this thread meets at a warp intrinsic is not waiting
+            for (Where& state : where_) {
+                if (state == Where::block_barrier) state = Where::running;
+            }
             wake(wakes_);
             return;
         }

@@ -520,21 +520,28 @@ def test_global_traffic_counter(warps):
 
 
 def test_traffic_of_the_sparsify_kernels(rng):
-    """The counter on a real launch sequence: percentile_select reads g three
-    times (one radix pass per digit) and percentile_compact once."""
+    """The counter on a real launch sequence (g of 4 x 25,000 float32, 512
+    threads): the 5,000-entry segment is staged whole by sparsify_sample;
+    of the 20,000-entry one it reads a sample of 1,504 entries, split reads
+    it once; the compaction reads all of g once: 2.06 reads of g, and at
+    most 2.2 x the bytes of g from every argument together."""
     from cuda_emulation import package_module
     from gradnet_cupy.kernels.sparsify import (check_q, segment_offsets,
                                                sparsify_launch_sequence)
 
     g = rng.standard_normal((4, 25_000)).astype(np.float32)
     module = package_module('sparsify.cu')
-    reads = {}
+    reads, total = {}, []
 
     def launch(name, grid, block, shared_mem, args):
         counts = module.launch(name, grid, block, shared_mem, args)
-        position = next(i for i, arg in enumerate(args) if arg is g)
-        reads[name] = counts.by_argument[position][0] / g.nbytes
+        if args[0] is g:
+            reads[name] = counts.by_argument[0][0] / g.nbytes
+        total.append(counts.read)
 
     sparsify_launch_sequence(g, segment_offsets([20_000, 5_000], g.shape[1]),
                              check_q(85.0) / 100.0, launch, np, 512)
-    assert reads == {'percentile_select': 3.0, 'percentile_compact': 1.0}
+    assert reads == {'sparsify_sample': (5_000 + 1_504) / 25_000,
+                     'sparsify_split': 20_000 / 25_000,
+                     'sparsify_fallback': 0.0, 'sparsify_compact': 1.0}
+    assert sum(total) <= 2.2 * g.nbytes
