@@ -199,6 +199,25 @@ def install(result, results_file):
 
 
 MODEL_DENSITIES = (0.01, 0.05, 0.15, 0.30)
+ROW_GRID = ('block_outer_positions',)  # one thread block per CSR row
+
+
+def merged(launches, rows):
+    """The launches of one call: the per-size launches of a kernel summed
+    into one (a one-block-per-row kernel keeps ``rows`` blocks)."""
+    by_name = {}
+    for launch in launches:
+        if launch.name in by_name:
+            first = by_name[launch.name]
+            by_name[launch.name] = first._replace(
+                blocks=first.blocks + launch.blocks, read=first.read + launch.read,
+                written=first.written + launch.written,
+                block_bytes=None if first.block_bytes is None
+                else max(first.block_bytes, launch.block_bytes))
+        else:
+            by_name[launch.name] = launch
+    return [launch._replace(blocks=rows) if launch.name in ROW_GRID else launch
+            for launch in by_name.values()]
 
 
 def cnn_unit_blocks():
@@ -236,15 +255,18 @@ def model_point(blocks, density, rows, batch, rng):
         block_outer.sparse_launch(launch, csr, one, G,
                                   np.ones(rows, np.float32),
                                   np.ones(1, dtype=bool))
-        # G (the last argument) does not grow with the rows; the tiles and
-        # every other argument's traffic scale with the blocks of the size
+        # G and the tile and strip tables do not grow with the rows; every
+        # argument's traffic grows with the blocks of the size
         launches += [roofline.scaled(
             c, count * batch / rows, fixed=block_outer.FIXED_ARGUMENTS[c.name],
-            fixed_factor=count, blocks_factor=count) for c in counted]
+            fixed_factor=count,
+            blocks_factor=count * batch / rows if c.name in ROW_GRID else count)
+            for c in counted]
         visits += count * batch / rows * block_outer.row_visits(csr, one)
         dense += count * dense_bytes(batch, size, csr.nnz * batch / rows)
         nnz_total += count * csr.nnz * batch / rows
-    model = roofline.model_columns(launches, 8 * nnz_total, 'H200')
+    model = roofline.model_columns(merged(launches, batch), 8 * nnz_total,
+                                   'H200')
     point = {'density': density, 'rows': batch, 'emulated_rows': rows,
              'nnz': nnz_total, 'row_visits': visits,
              'bytes_read': model['bytes_read'],

@@ -80,13 +80,20 @@ step pytest 300 "$PY" -m pytest -q -p no:cacheprovider -rs \
     --junitxml="$OUT/pytest-gpu.xml" tests/gpu \
     tests/test_sparsify.py tests/test_block_outer.py -k "cupy or gpu"
 
-# the sanitizers on small launches of both kernels
+# the sanitizers on small launches of every kernel
 cat > "$OUT/small_launches.py" <<'EOF'
 import cupy, numpy as np
 from gradnet_cupy.kernels import Blocks, percentile_sparsify, block_outer_accumulate
 rng = np.random.default_rng(0)
 g = cupy.asarray(rng.standard_normal((8, 700)).astype(np.float32))
 csr = percentile_sparsify(g, [100, 600], 85.0)
+# the sampled path too (split, resolve, fallback): samples of 64 entries
+from gradnet_cupy.kernels._cuda import launcher
+from gradnet_cupy.kernels.sparsify import (CUDA_SOURCE, segment_offsets,
+                                           sparsify_launch_sequence)
+sampled = sparsify_launch_sequence(g, segment_offsets([100, 600], 700), 0.85,
+                                   launcher(CUDA_SOURCE), cupy, 512, 64)
+assert bool((sampled.indptr == csr.indptr).all())
 for dtype in (np.float32, np.float64):
     blocks = Blocks.contiguous([100, 300, 300])
     G = cupy.zeros(blocks.packed_size, dtype=dtype)

@@ -46,7 +46,9 @@ STATIC_SHARED_LIMIT = 48 * 1024   # static __shared__ per block
 # block of the wrapper's launch)
 LAUNCHES = tuple(
     (sparsify.CUDA_SOURCE, name, sparsify.GPU_BLOCK)
-    for name in sparsify.KERNELS) + tuple((block_outer.CUDA_SOURCE, name, threads)
+    for name in sparsify.KERNELS) + tuple(
+    (block_outer.CUDA_SOURCE, name, block_outer.PREPASS_THREADS)
+    for name in block_outer.PREPASS_KERNELS) + tuple((block_outer.CUDA_SOURCE, name, threads)
           for name, threads in block_outer.CUDA_KERNELS.values())
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")

@@ -49,19 +49,23 @@ from gradnet_cupy.kernels.csr import check_csr
 METHODS = ('auto', 'sparse', 'dense')
 CUDA_SOURCE = 'block_outer.cu'
 CUDA_TILE = 32                    # TILE of block_outer.cu
+CUDA_ROWS = 32                    # ROWS of block_outer.cu
 # G's dtype -> the template instantiation of block_outer.cu and its threads
-# per block (GROUPS groups of 32 / 64 threads): 256 either way, so that the
-# 40 KiB of static shared memory per block allow 50% (sm_80) / 62.5% (sm_90)
-# theoretical occupancy (bench/results/kernel-resources.json)
+# per block (32 * WARPS)
 CUDA_KERNELS = {np.dtype(np.float32): ('block_outer<float, 8>', 8 * 32),
-                np.dtype(np.float64): ('block_outer<double, 4>', 4 * 64)}
+                np.dtype(np.float64): ('block_outer<double, 8>', 8 * 32)}
 CUDA_NAME_EXPRESSIONS = tuple(name for name, _ in CUDA_KERNELS.values())
-# bytes of global loads in flight per thread (for bench/roofline.py): the
-# binary searches issue one dependent 8-byte load at a time
-IN_FLIGHT_BYTES = {name: 8 for name in CUDA_NAME_EXPRESSIONS}
+PREPASS_THREADS = 256   # threads per block of the position and row passes
+PREPASS_KERNELS = ('block_outer_positions', 'block_outer_rows')
+# bytes of global loads in flight per thread (for bench/roofline.py)
+IN_FLIGHT_BYTES = {'block_outer_positions': 8, 'block_outer_rows': 8,
+                   **{name: 8 for name in CUDA_NAME_EXPRESSIONS}}
 # per kernel, the argument positions whose traffic does not grow with the
-# rows of the batch (G, the tile lists, the block ranges), for the bench
-FIXED_ARGUMENTS = {name: (5, 6, 7, 8, 9, 10, 11) for name in CUDA_NAME_EXPRESSIONS}
+# rows of the batch (G, the tile and strip tables, the block ranges), for
+# the bench
+FIXED_ARGUMENTS = {'block_outer_positions': (), 'block_outer_rows': (2, 4),
+                   **{name: (6, 8, 9, 10, 11, 12, 13, 14, 15, 16)
+                      for name in CUDA_NAME_EXPRESSIONS}}
 CROSSOVER_FILE = 'block_outer_crossover.json'
 PAIR_CHUNK = 1 << 22    # pairs of nonzeros formed at once by the reference
 DENSE_CHUNK = 1 << 24   # entries of the zero-filled (blocks, rows, size) slab
@@ -117,7 +121,7 @@ def _accumulate(csr, blocks, G, weights, method, validate, xp):
         uploads = [array for chunk in _dense_chunks(blocks, dense, rows)
                    for array in chunk[2:]]
         if not dense.all():
-            uploads += tile_list(blocks, ~dense)
+            uploads += tile_list(blocks, ~dense) + strip_plan(blocks, ~dense)
         device_constants(uploads, xp)
     if dense.any():
         _dense(entries, blocks, G, w, dense, xp)
@@ -132,31 +136,90 @@ def _accumulate(csr, blocks, G, weights, method, validate, xp):
 
 
 def sparse_launch(launch, csr, blocks, G, w, selected):
-    """Runs the CUDA kernel of ``block_outer.cu`` on the ``selected`` blocks
+    """Runs the CUDA kernels of ``block_outer.cu`` on the ``selected`` blocks
     (bool (k,), host) through ``launch(name, grid, block, shared_mem, args)``
     (``gradnet_cupy.kernels._cuda.launcher`` on a GPU, the CPU emulation in
     tests). ``csr``, ``G`` and ``w`` (float32 (rows,)) are arrays of one
-    module. Queues one launch on the current stream; no host wait, but for
-    the first upload of a tile list to a device (``_cuda.device_constants``).
+    module. Queues three launches on the current stream (positions, rows
+    per strip, tiles; block_outer.cu); no host wait, but for the first
+    upload of the strip and tile tables to a device
+    (``_cuda.device_constants``).
     """
     xp = get_array_module(G)
+    rows = csr.shape[0]
     tiles = device_constants(tile_list(blocks, selected), xp)
-    if not len(tiles[0]):
+    if not len(tiles[0]) or not rows:
         return
+    plan = strip_plan(blocks, selected)
+    n_boundaries = boundary_count(plan[2])
+    at_most, strip_first, strip_boundary = device_constants(plan, xp)
     device = blocks.on(xp)
     name, threads = CUDA_KERNELS[G.dtype]
-    arrays = [xp.ascontiguousarray(a)
-              for a in (csr.indptr, csr.indices, csr.data, w)]
+    indptr, indices, data, w = (xp.ascontiguousarray(a)
+                                for a in (csr.indptr, csr.indices, csr.data, w))
+    pos = xp.empty(n_boundaries * rows, dtype=np.int32)
+    launch('block_outer_positions', (rows,), (PREPASS_THREADS,), 0,
+           (indptr, indices, np.int64(rows), at_most, np.int32(n_boundaries),
+            pos))
+    strips = strip_boundary.shape[0]
+    rows_of = xp.empty(strips * rows, dtype=np.int32)
+    count = xp.empty(strips, dtype=np.int32)
+    launch('block_outer_rows', (strips,), (PREPASS_THREADS,), 0,
+           (pos, np.int64(rows), strip_boundary, rows_of, count))
     launch(name, (len(tiles[0]),), (threads,), 0,
-           (*arrays, np.int64(csr.shape[0]), device.starts, device.sizes,
-            device.offsets, *tiles, G))
+           (indptr, indices, data, w, np.int64(rows), pos, strip_boundary,
+            rows_of, count, device.starts, device.sizes, device.offsets,
+            strip_first, *tiles, G))
+
+
+def strip_plan(blocks, selected):
+    """The strips of the kernels: every selected block cut into TILE-column
+    strips, in column order. Returns host arrays ``(at_most, strip_first,
+    strip_boundary)``: int32 (n_columns,) the number of boundaries (the
+    strips' first columns and the blocks' ends, ascending, distinct) at or
+    below each column; int32 (k,) each block's first strip (-1: not
+    selected); int32 (strips,) the boundary index of each strip's first
+    column (its end is the next boundary)."""
+    ids = np.flatnonzero(selected)
+    per_side = -(-blocks.sizes[ids] // CUDA_TILE)
+    strip_first = np.full(len(blocks), -1, dtype=np.int32)
+    strip_first[ids] = np.cumsum(per_side) - per_side
+    within = np.arange(per_side.sum()) - np.repeat(strip_first[ids], per_side)
+    columns = np.repeat(blocks.starts[ids], per_side) + CUDA_TILE * within
+    ends = blocks.starts[ids] + blocks.sizes[ids]
+    boundaries = np.union1d(columns, ends)
+    at_most = np.searchsorted(boundaries, np.arange(blocks.n_columns),
+                              side='right').astype(np.int32)
+    strip_boundary = np.searchsorted(boundaries, columns).astype(np.int32)
+    return [at_most, strip_first, strip_boundary]
+
+
+def boundary_count(strip_boundary):
+    """The number of boundaries of a :func:`strip_plan` from its host
+    ``strip_boundary``: the last strip ends at the last boundary, the end of
+    the last selected block."""
+    return int(strip_boundary[-1]) + 2
 
 
 def row_visits(csr, blocks, selected=None):
     """Passes of the kernel's tiles over CSR rows (host count, for the
-    bench): every tile of a selected block visits every row."""
+    bench): a tile visits the rows of the one of its two strips that fewer
+    rows touch."""
     selected = np.ones(len(blocks), bool) if selected is None else selected
-    return len(tile_list(blocks, selected)[0]) * csr.shape[0]
+    indptr, indices = to_numpy(csr.indptr), to_numpy(csr.indices)
+    at_most, strip_first, strip_boundary = strip_plan(blocks, selected)
+    row = np.repeat(np.arange(csr.shape[0]), np.diff(indptr))
+    boundary = at_most[indices] - 1   # the boundary at or below the column
+    strip = np.searchsorted(strip_boundary, boundary)
+    inside = (strip < len(strip_boundary)) & (
+        strip_boundary[np.minimum(strip, len(strip_boundary) - 1)] == boundary)
+    touched = np.zeros(len(strip_boundary), dtype=np.int64)
+    pairs = np.unique(strip[inside] * csr.shape[0] + row[inside])
+    np.add.at(touched, pairs // max(csr.shape[0], 1), 1)
+    block, tile_row, tile_col = tile_list(blocks, selected)
+    first = strip_first[block]
+    return int(np.minimum(touched[first + tile_row],
+                          touched[first + tile_col]).sum())
 
 
 def tile_list(blocks, selected):

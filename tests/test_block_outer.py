@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from block_outer_cases import (abs_oracle, block_case, csr_from_dense,
+                               gappy_blocks,
                                oracle, random_csr, tile_blocks)
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import Blocks, block_outer_accumulate
@@ -125,24 +126,70 @@ def test_kernel_touches_only_selected_blocks(backend, rng):
 
 @pytest.mark.backends('emulated', 'cupy')
 @pytest.mark.parametrize('dtype', [np.float64, np.float32])
-def test_threads_per_group_change_no_bit(backend, rng, dtype, monkeypatch):
-    """block_outer.cu sums each entry in an order that does not depend on
-    the threads per group, so the launch's choice (64 for double, set by
-    the occupancy budget of tests/test_kernel_resources.py) changes no bit:
-    32 and 64 threads per group give identical G."""
+def test_kernel_is_deterministic_and_symmetric(backend, rng, dtype):
+    """block_outer.cu adds every entry's terms in row order into one
+    accumulator: two calls give identical bits, and every diagonal block
+    stays exactly symmetric (mirrored entries get bitwise equal terms)."""
     csr, _ = random_csr(rng, 70, 112, 0.4)
     blocks = tile_blocks()
     weights = rng.random(70).astype(np.float32)
-    start = rng.standard_normal(blocks.packed_size).astype(dtype)
-    name, _ = block_outer.CUDA_KERNELS[np.dtype(dtype)]
-    groups = int(name.rstrip('>').split(',')[1])
-    runs = []
-    for per_group in (32, 64):
-        monkeypatch.setitem(block_outer.CUDA_KERNELS, np.dtype(dtype),
-                            (name, groups * per_group))
-        runs.append(backend.sparse_kernel(csr, blocks, start, weights,
-                                          np.ones(len(blocks), dtype=bool)))
+    runs = [backend.sparse_kernel(csr, blocks, np.zeros(blocks.packed_size,
+                                                        dtype),
+                                  weights, np.ones(len(blocks), dtype=bool))
+            for _ in range(2)]
     assert np.array_equal(runs[0], runs[1])
+    for b, size in enumerate(blocks.sizes.tolist()):
+        block = runs[0][blocks.offsets[b]:blocks.offsets[b + 1]]
+        block = block.reshape(size, size)
+        assert np.array_equal(block, block.T)
+
+
+@pytest.mark.backends('emulated')
+@pytest.mark.parametrize('density', [0.0, 0.05, 0.5])
+def test_positions_and_strip_rows_match_oracle(backend, rng, density):
+    """The O(nnz) pass and the row lists of block_outer.cu: for every strip
+    (TILE columns of a selected block) and row, the entries of the row in
+    the strip, and the rows that have any, ascending, as NumPy finds them;
+    gappy blocks, one left out, an empty row."""
+    blocks = gappy_blocks(120)
+    selected = np.array([True, True, True, True, False, True])
+    csr, dense = random_csr(rng, 13, 120, density, empty_rows=[4])
+    at_most, strip_first, strip_boundary = block_outer.strip_plan(blocks,
+                                                                  selected)
+    ids = np.flatnonzero(selected)
+    boundaries = sorted({int(blocks.starts[b]) + t for b in ids
+                         for t in range(0, int(blocks.sizes[b]), CUDA_TILE)}
+                        | {int(blocks.starts[b] + blocks.sizes[b]) for b in ids})
+    np.testing.assert_array_equal(
+        at_most, [sum(x <= c for x in boundaries) for c in range(120)])
+    n_boundaries = len(boundaries)
+    assert block_outer.boundary_count(strip_boundary) == n_boundaries
+    launch = backend.launcher(block_outer.CUDA_SOURCE,
+                              block_outer.CUDA_NAME_EXPRESSIONS)
+    pos = np.full(n_boundaries * 13, -1, dtype=np.int32)
+    launch('block_outer_positions', (13,), (32,), 0,
+           (csr.indptr, csr.indices, np.int64(13), at_most,
+            np.int32(n_boundaries), pos))
+    rows_of = np.full(len(strip_boundary) * 13, -1, dtype=np.int32)
+    count = np.full(len(strip_boundary), -1, dtype=np.int32)
+    launch('block_outer_rows', (len(strip_boundary),), (32,), 0,
+           (pos, np.int64(13), strip_boundary, rows_of, count))
+    pos = pos.reshape(n_boundaries, 13)
+    for b in np.flatnonzero(selected):
+        start, size = int(blocks.starts[b]), int(blocks.sizes[b])
+        for t in range(-(-size // block_outer.CUDA_TILE)):
+            s = strip_first[b] + t
+            first = start + t * block_outer.CUDA_TILE
+            stop = min(first + block_outer.CUDA_TILE, start + size)
+            k = strip_boundary[s]
+            for i in range(13):
+                row = csr.indices[csr.indptr[i]:csr.indptr[i + 1]]
+                assert pos[k, i] == np.searchsorted(row, first)
+                assert pos[k + 1, i] == np.searchsorted(row, stop)
+            touching = np.flatnonzero((dense[:, first:stop] != 0).any(axis=1))
+            assert count[s] == len(touching)
+            np.testing.assert_array_equal(rows_of[s * 13:s * 13 + count[s]],
+                                          touching)
 
 
 @pytest.mark.parametrize('dtype', [np.float64, np.float16, np.int32])

@@ -185,6 +185,22 @@ def test_thread_block_sizes_other_than_512(backend, block):
     assert_csr_identical(result, percentile_sparsify(g, sizes, 85.0))
 
 
+@pytest.mark.parametrize('sample_keys', [64, 256])
+def test_small_samples_and_the_fallback(backend, sample_keys):
+    """Short samples (sparsify_launches' sample_keys) put most segments on
+    the sampled path and make the bracket miss or overflow more often
+    (ties, a constant segment): every path stays bit-identical."""
+    rng = np.random.default_rng(sample_keys)
+    sizes = [40, 3000, 20_000, 2000]
+    g = rng.standard_normal((16, sum(sizes))).astype(np.float32)
+    g[:, ::3] = np.round(g[:, ::3])
+    g[5, 23_040:] = np.float32(0.5)
+    for q in (30.0, 85.0, 99.0):
+        result = backend.host_csr(backend.launch_sequence(
+            cupy.asarray(g), sizes, q, 512, sample_keys))
+        assert_csr_identical(result, percentile_sparsify(g, sizes, q))
+
+
 def test_more_than_2_to_31_entries(backend):
     """2 x (2^30 + 3) entries (int64 offsets in every kernel); the NumPy
     reference takes about a minute on the host."""
