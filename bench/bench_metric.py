@@ -30,7 +30,7 @@ every measured point: ``auto_over_best`` is its time over the faster path's
     OPENBLAS_NUM_THREADS=1 python bench/bench_metric.py --device cpu --install
     python bench/bench_metric.py --device gpu --install
 
-Model (``--model``, no timing): the sparse CUDA path (block_outer.cu through
+Model (``--model-only``, no timing): the sparse CUDA path (block_outer.cu through
 ``sparse_launch``) runs on the CPU emulator (tests/cuda_emulation) for the
 per_unit blocks of the cnn (3x24x24 input, cap 256: 642 blocks over 130,240
 columns) at densities 1%, 5%, 15%, 30%: one block of every distinct size,
@@ -44,7 +44,7 @@ them the dense path's bytes, an analytic count of its array operations
 (zero-filled ``X``, ``X * w``, one GEMM reading each operand once, the
 update of ``G``), not emulated. Writes bench/results/metric-model.json.
 
-    python bench/bench_metric.py --model
+    python bench/bench_metric.py --model-only
 """
 import argparse
 import datetime
@@ -324,13 +324,13 @@ def main():
     parser.add_argument('--out', type=Path, default=None)
     parser.add_argument('--install', action='store_true',
                         help='copy the crossovers into the packaged table')
-    parser.add_argument('--model', action='store_true',
+    parser.add_argument('--model-only', action='store_true',
                         help='only the roofline model of the sparse kernel '
                              'from emulator-counted bytes (module doc)')
     parser.add_argument('--model-rows', type=int, default=64)
     parser.add_argument('--model-batch', type=int, default=640)
     args = parser.parse_args()
-    if args.model:
+    if args.model_only:
         return model(args)
     if args.rows is None:
         args.rows = 2048 if resolve_device(args.device) == 'gpu' else 128

@@ -17,9 +17,11 @@ a lower bound of what a plain-library implementation would cost:
   GPU  cupy.partition and cupy.sort of |g| per segment, and torch.kthvalue
        and torch.topk where torch imports.
 
-Model columns (--model): the CUDA path's launch sequence runs on the CPU
-emulator of sparsify.cu (tests/cuda_emulation) for --model-rows rows of
-each model workload (the cnn's 640 x 130,240 call, 256 rows x 1M columns),
+Model (--model-only; --model adds it to a timed run, per measured case):
+the CUDA path's launch sequence runs on the CPU emulator of sparsify.cu
+(tests/cuda_emulation, needs g++) for --model-rows rows of each model
+workload (--model-only: the cnn's 640 x 130,240 call and 256 rows x 1M
+columns; --model: the measured case's shape),
 which counts every byte each launch reads and writes in global memory; the
 counts are scaled to the workload's rows (exact for the traffic of g and of
 the per-task arrays, which is the same for every row of a case; the
@@ -30,7 +32,8 @@ model is printed in its own lines, labelled "model", and stored under
 
 Usage:  python bench/bench_sparsify.py [--device auto|cpu|gpu] [--rows N]
         [--repeat R] [--quick] [--output PATH]
-        python bench/bench_sparsify.py --model [--model-rows 2]
+        [--model] [--model-rows 2]
+        python bench/bench_sparsify.py --model-only [--model-rows 2]
         [--output PATH]     (model only, no timing)
 """
 import argparse
@@ -146,7 +149,7 @@ def versions(device):
     return found
 
 
-def run_case(name, sizes, rows, device, timer, bandwidth, check):
+def run_case(name, sizes, rows, device, timer, bandwidth, check, model_rows=None):
     xp = np if device == 'cpu' else import_cupy()
     host = np.random.default_rng(0).standard_normal((rows, sum(sizes))).astype(np.float32)
     g = xp.asarray(host)
@@ -175,6 +178,8 @@ def run_case(name, sizes, rows, device, timer, bandwidth, check):
         result['matches_numpy'] = all(
             np.array_equal(to_numpy(a).view(np.uint8), b.view(np.uint8))
             for a, b in zip(gpu[:3], cpu[:3]))
+    if model_rows:  # beside the measurement, never mixed with it
+        result['model'] = model_case(name, rows, sizes, model_rows)['model']
     print(f"{name:12s} rows={rows}: {ours['median_s'] * 1e3:9.2f} ms "
           f"{ours['GBps']:7.2f} GB/s ({100 * ours['fraction_of_bandwidth']:.1f}% of copy "
           f"bandwidth); best alternative {best} {others[best]['median_s'] * 1e3:.2f} ms "
@@ -227,14 +232,17 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true',
                         help='32 rows and 2 repeats: a smoke run, not for results')
     parser.add_argument('--output', type=Path, default=None)
-    parser.add_argument('--model', action='store_true',
+    parser.add_argument('--model-only', action='store_true',
                         help='only the roofline model from emulator-counted '
                              'bytes (no timing); writes '
                              'bench/results/sparsify-model.json')
+    parser.add_argument('--model', action='store_true',
+                        help='also the roofline model of each measured case '
+                             '(own lines and JSON key "model")')
     parser.add_argument('--model-rows', type=int, default=2,
                         help='rows emulated per model workload')
     args = parser.parse_args(argv)
-    if args.model:
+    if args.model_only:
         now = datetime.datetime.now(datetime.timezone.utc)
         report = {'kind': 'model', 'date': now.isoformat(timespec='seconds'),
                   'command': ' '.join(['python', 'bench/bench_sparsify.py']
@@ -251,7 +259,8 @@ def main(argv=None):
     timer = Timer(device, repeat)
     bandwidth = copy_bandwidth(np if device == 'cpu' else import_cupy(), timer)
     print(f'{device_name(device)}: copy bandwidth {bandwidth:.1f} GB/s', flush=True)
-    cases = [run_case(name, sizes, rows, device, timer, bandwidth, check=device == 'gpu')
+    cases = [run_case(name, sizes, rows, device, timer, bandwidth, check=device == 'gpu',
+                      model_rows=args.model_rows if args.model else None)
              for name, sizes in CASES.items()]
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {'device': device_name(device), 'kind': device,

@@ -57,6 +57,9 @@ CUDA_KERNELS = {np.dtype(np.float32): ('block_outer<float, 8>', 8 * 32),
 CUDA_NAME_EXPRESSIONS = tuple(name for name, _ in CUDA_KERNELS.values())
 PREPASS_THREADS = 256   # threads per block of the position and row passes
 PREPASS_KERNELS = ('block_outer_positions', 'block_outer_rows')
+# the most bytes of position and row tables one group of blocks may take
+# (sparse_launch); each group reads the whole CSR once more
+TABLE_BYTES = 512 << 20
 # bytes of global loads in flight per thread (for bench/roofline.py)
 IN_FLIGHT_BYTES = {'block_outer_positions': 8, 'block_outer_rows': 8,
                    **{name: 8 for name in CUDA_NAME_EXPRESSIONS}}
@@ -120,8 +123,8 @@ def _accumulate(csr, blocks, G, weights, method, validate, xp):
     if xp is not np:   # every upload (one host wait, first call) first
         uploads = [array for chunk in _dense_chunks(blocks, dense, rows)
                    for array in chunk[2:]]
-        if not dense.all():
-            uploads += tile_list(blocks, ~dense) + strip_plan(blocks, ~dense)
+        for group in launch_groups(blocks, ~dense, rows):
+            uploads += tile_list(blocks, group) + strip_plan(blocks, group)
         device_constants(uploads, xp)
     if dense.any():
         _dense(entries, blocks, G, w, dense, xp)
@@ -135,16 +138,48 @@ def _accumulate(csr, blocks, G, weights, method, validate, xp):
     return G
 
 
-def sparse_launch(launch, csr, blocks, G, w, selected):
+def sparse_launch(launch, csr, blocks, G, w, selected,
+                  table_bytes=TABLE_BYTES):
     """Runs the CUDA kernels of ``block_outer.cu`` on the ``selected`` blocks
     (bool (k,), host) through ``launch(name, grid, block, shared_mem, args)``
     (``gradnet_cupy.kernels._cuda.launcher`` on a GPU, the CPU emulation in
     tests). ``csr``, ``G`` and ``w`` (float32 (rows,)) are arrays of one
-    module. Queues three launches on the current stream (positions, rows
-    per strip, tiles; block_outer.cu); no host wait, but for the first
-    upload of the strip and tile tables to a device
+    module. Queues three launches (positions, rows per strip, tiles;
+    block_outer.cu) per group of blocks of :func:`launch_groups` (one group
+    unless the position and row tables, 8 bytes per strip and row, would
+    exceed ``table_bytes``) on the current stream; no host wait, but for
+    the first upload of the strip and tile tables to a device
     (``_cuda.device_constants``).
     """
+    for group in launch_groups(blocks, selected, csr.shape[0], table_bytes):
+        _sparse_group(launch, csr, blocks, G, w, group)
+
+
+def launch_groups(blocks, selected, rows, table_bytes=TABLE_BYTES):
+    """The ``selected`` blocks (bool (k,), host) as consecutive groups (bool
+    masks) whose position and row tables (8 bytes per strip and row) fit
+    ``table_bytes``; a block whose own tables do not fit is a group alone.
+    """
+    ids = np.flatnonzero(selected)
+    table = 8 * max(rows, 1) * -(-blocks.sizes[ids] // CUDA_TILE)
+    groups, first, used = [], 0, 0
+    for i, size in enumerate(table.tolist()):
+        if i > first and used + size > table_bytes:
+            groups.append(ids[first:i])
+            first, used = i, 0
+        used += size
+    if len(ids):
+        groups.append(ids[first:])
+    masks = []
+    for group in groups:
+        mask = np.zeros(len(blocks), dtype=bool)
+        mask[group] = True
+        masks.append(mask)
+    return masks
+
+
+def _sparse_group(launch, csr, blocks, G, w, selected):
+    """:func:`sparse_launch` of one group of blocks."""
     xp = get_array_module(G)
     rows = csr.shape[0]
     tiles = device_constants(tile_list(blocks, selected), xp)

@@ -92,9 +92,9 @@ def percentile_sparsify(g, sizes, q=85.0, stream=None):
     Host waits (CuPy input). Every device operation is queued on
     ``stream``; the host waits for it exactly once, at the end, to read the
     kept count and the NaN/Inf flag in one copy (:meth:`PendingCSR.result`).
-    The first call with given ``sizes`` on a device also waits once for the
-    upload of the segment offsets (``_cuda.device_constant``), before any
-    kernel. :func:`percentile_sparsify_async` is the same without the final
+    The first call with given ``sizes`` and ``q`` on a device also waits
+    once for the upload of the per-segment plan (:func:`segment_plan`,
+    ``_cuda.device_constants``), before any kernel. :func:`percentile_sparsify_async` is the same without the final
     wait (for a CUDA graph capture).
     """
     pending = percentile_sparsify_async(g, sizes, q, stream)
@@ -106,8 +106,8 @@ def percentile_sparsify_async(g, sizes, q=85.0, stream=None):
     kernels on ``stream`` (default: the current one) and returns a
     :class:`PendingCSR`, whose :meth:`~PendingCSR.result` waits and returns
     the CSR (or raises the NaN/Inf error). Nothing here waits for the
-    device, except the first call with given ``sizes`` on a device (the
-    upload of the segment offsets), so after such a warm-up call it can be
+    device, except the first call with given ``sizes`` and ``q`` on a
+    device (the upload of the plan), so after such a warm-up call it can be
     captured in a CUDA graph; the graph's replays rewrite the arrays of the
     PendingCSR captured with it. NumPy input: computed at once.
     """
@@ -289,13 +289,6 @@ def _keep_above(magnitude, quantile):
     b = magnitude[:, hi:].min(axis=1) if hi > lo else a
     threshold = interpolate(a.astype(np.float64), b.astype(np.float64), gamma)
     return np.where(threshold < b, a, b)
-
-
-def block_elements(kernel, starts):
-    """Entries of g the busiest thread block of ``kernel`` reads (for the
-    roofline model): one block per (row, segment), so the longest
-    segment. starts: (n_seg + 1,) segment offsets."""
-    return int(np.diff(starts).max())
 
 
 def segment_plan(starts, quantile, block, sample_keys=SAMPLE_KEYS):

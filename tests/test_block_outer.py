@@ -144,6 +144,32 @@ def test_kernel_is_deterministic_and_symmetric(backend, rng, dtype):
         assert np.array_equal(block, block.T)
 
 
+@pytest.mark.backends('emulated', 'cupy')
+def test_table_budget_splits_the_blocks_into_groups(backend, rng):
+    """A budget of position and row tables smaller than one block's tables
+    runs every block as a group of its own: the same sums."""
+    blocks = gappy_blocks(120)
+    selected = np.ones(len(blocks), dtype=bool)
+    groups = block_outer.launch_groups(blocks, selected, 40, table_bytes=1)
+    assert len(groups) == len(blocks)
+    assert (np.sum(groups, axis=0) == 1).all()
+    assert len(block_outer.launch_groups(blocks, selected, 40)) == 1
+    csr, dense = random_csr(rng, 40, 120, 0.3)
+    weights = rng.random(40).astype(np.float32)
+    launch = backend.launcher(block_outer.CUDA_SOURCE,
+                              block_outer.CUDA_NAME_EXPRESSIONS)
+    sums = []
+    for table_bytes in (1, block_outer.TABLE_BYTES):
+        G = backend.xp.zeros(blocks.packed_size)
+        block_outer.sparse_launch(launch, backend.csr(csr), blocks, G,
+                                  backend.array(weights), selected,
+                                  table_bytes)
+        sums.append(backend.host(G))
+    assert np.array_equal(sums[0], sums[1])
+    np.testing.assert_allclose(sums[0], oracle(dense, blocks, weights),
+                               rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.backends('emulated')
 @pytest.mark.parametrize('density', [0.0, 0.05, 0.5])
 def test_positions_and_strip_rows_match_oracle(backend, rng, density):

@@ -169,7 +169,7 @@ def test_sparsify_runs_on_the_stream_and_waits_once(fake, rng):
         fake.log.clear()
         result = percentile_sparsify(device(g), sizes, 85.0, stream=stream)
         assert_all_on(fake.log, stream)
-        # the first call uploads the segment offsets and waits for them;
+        # the first call uploads the plan and waits for it;
         # every call reads nnz and the NaN flag once, after the kernels
         expected = [('wait', stream)] if call == 0 else []
         assert waits(fake.log) == expected + [('read', stream)]

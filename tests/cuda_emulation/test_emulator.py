@@ -224,6 +224,20 @@ __device__ void stagger() {
     }
 }
 
+// A barrier, then at once a warp vote, many times: the thread that
+// completes the barrier runs on while the others are still being woken.
+extern "C" __global__ void barrier_then_vote(int* out, int rounds) {
+    __shared__ int flag[64];
+    int votes = 0;
+    for (int r = 0; r < rounds; ++r) {
+        flag[threadIdx.x] = (threadIdx.x + r) % 3 == 0;
+        __syncthreads();
+        votes += __popc(__ballot_sync(0xffffffffu, flag[threadIdx.x ^ 1]));
+        __syncthreads();
+    }
+    out[threadIdx.x] = votes;
+}
+
 extern "C" __global__ void rotate(const int* x, int* out, int rounds) {
     const int lane = threadIdx.x % 32;
     int v = x[threadIdx.x];
@@ -356,6 +370,18 @@ def warps():
 def lanes(block):
     """Lane id of each thread of a 1-D block."""
     return np.arange(block) % 32
+
+
+def test_warp_intrinsic_right_after_a_barrier(warps):
+    """Threads released by a __syncthreads() count as running at once: the
+    last one to arrive may reach a warp intrinsic before the others are
+    scheduled again, which is no misuse."""
+    out = np.zeros(64, dtype=np.int32)
+    warps.launch('barrier_then_vote', (2,), (64,), 0, (out, np.int32(300)))
+    flags = [[(t + r) % 3 == 0 for t in range(64)] for r in range(300)]
+    expected = [sum(sum(f[(t // 32) * 32:(t // 32) * 32 + 32]) for f in flags)
+                for t in range(64)]
+    np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize('rounds', [1, 5, 32])
