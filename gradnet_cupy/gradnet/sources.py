@@ -22,6 +22,7 @@ from gradnet_cupy.normalize import TrainingFeatures
 from gradnet_cupy.tangent import ParameterLayout
 
 STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
+PREFETCH_BATCHES = 2      # store batches decoded ahead by a reader thread
 # provenance keys that a training and a test store must share: the same base
 # network snapshot seen through the same layout, dataset, q and classes
 SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes')
@@ -68,7 +69,8 @@ def store_test_batches(test_store, device, batch=100):
     (rows x n_columns) on ``device`` and the host int64 sample id and int
     true label of each row (rows,), all candidate rows of each sample read
     together (for :func:`~.training.evaluate_candidates`)."""
-    for b in test_store.iter_batches(batch, group_by_sample=True):
+    for b in test_store.iter_batches(batch, group_by_sample=True,
+                                     prefetch=PREFETCH_BATCHES):
         yield b.csr.to_device(device), b.sample, b.target
 
 
@@ -85,7 +87,8 @@ def store_batches(store, normalizer, batch, seed, device):
     store, shuffled per epoch from ``seed``: float32 CSR (``batch`` rows x
     n_columns) and int32 (rows,) labels, both on ``device``."""
     def epoch_batches(epoch):
-        for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch):
+        for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch,
+                                    prefetch=PREFETCH_BATCHES):
             yield (normalizer(b.csr.to_device(device)),
                    to_device(b.target.astype(np.int32), device))
     return epoch_batches
@@ -126,7 +129,8 @@ def store_training_features(store, device):
     return TrainingFeatures(
         ParameterLayout.from_dict(store.layout), store.provenance.get('q'),
         lambda: (b.csr.to_device(device)
-                 for b in store.iter_batches(STATS_READ_BATCH)),
+                 for b in store.iter_batches(STATS_READ_BATCH,
+                                             prefetch=PREFETCH_BATCHES)),
         device, store.column_stats(), store)
 
 

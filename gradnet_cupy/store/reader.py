@@ -3,7 +3,8 @@
 Its one job is row access to a store: a finished HDF5 file, or (with
 ``allow_incomplete``) the journal of an unfinished extraction, behind one
 interface (``_H5Rows`` and ``_JournalRows``). All rows come back as NumPy
-arrays on the host. A truncated or corrupt file, a file that is not a
+arrays on the host; :mod:`.format` imports ``hdf5plugin``, which
+registers the Blosc2 filter of the default compression with HDF5. A truncated or corrupt file, a file that is not a
 store, or one of another format version is refused with a
 :class:`GradnetError`.
 
@@ -33,6 +34,7 @@ from gradnet_cupy.normalize import STAT_FIELDS, ColumnStats
 from gradnet_cupy.store.format import (
     _CHUNK_CACHE_BYTES, FORMAT, FORMAT_VERSION, _incomplete_message,
     _journal, _record_arrays, _scan_journal)
+from gradnet_cupy.store.prefetch import prefetch as prefetch_items
 
 
 class Batch(NamedTuple):
@@ -261,7 +263,8 @@ class TangentStore:
 
     def read_rows(self, rows):
         """The given rows (int array, any order, repeats allowed) as a Batch
-        in that order. Reads each run of consecutive stored rows at once."""
+        in that order. Reads each run of consecutive rows (``r, r + 1,
+        ...`` in the requested order) at once."""
         rows = np.asarray(rows)
         if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(
                 rows.dtype, np.integer)):
@@ -271,27 +274,17 @@ class TangentStore:
             raise GradnetError(f'row indices must lie in [0, {len(self)}), '
                                f'got [{rows.min()}, {rows.max()}]')
         rows = rows.astype(np.int64)
-        unique = np.unique(rows)
-        runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
-        pieces = [self._rows.values(self._rows.indptr[run[0]],
-                                    self._rows.indptr[run[-1] + 1])
-                  for run in runs if run.size]
+        stored = self._rows.indptr
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        pieces = [self._rows.values(stored[run[0]], stored[run[-1] + 1])
+                  for run in np.split(rows, breaks) if run.size]
         indices = np.concatenate([np.zeros(0, np.int32)]
                                  + [p[0] for p in pieces])
         data = np.concatenate([np.zeros(0, np.float32)]
                               + [p[1] for p in pieces])
-        lengths = np.diff(self._rows.indptr)[unique]
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        position = np.searchsorted(unique, rows)
-        if not np.array_equal(position, np.arange(len(unique))):
-            lengths = lengths[position]
-            ends = np.cumsum(lengths)
-            gather = (np.arange(ends[-1] if len(ends) else 0)
-                      + np.repeat(starts[position] - (ends - lengths),
-                                  lengths))
-            indices, data = indices[gather], data[gather]
-            starts = np.concatenate([[0], ends])
-        return self._batch(starts, indices, data, rows)
+        indptr = np.concatenate([[0], np.cumsum(stored[rows + 1]
+                                                - stored[rows])])
+        return self._batch(indptr, indices, data, rows)
 
     def _batch(self, indptr, indices, data, rows):
         csr = CSR(indptr.astype(np.int64), indices, data,
@@ -301,7 +294,7 @@ class TangentStore:
                      self._rows.target[rows].copy())
 
     def iter_batches(self, batch_size, shuffle=False, seed=0,
-                     group_by_sample=False):
+                     group_by_sample=False, prefetch=0):
         """Yield Batches covering every row once.
 
         Sequential by default; ``shuffle`` permutes with
@@ -310,12 +303,20 @@ class TangentStore:
         samples (groups in order of first appearance, shuffled as wholes
         when ``shuffle``; rows of a group in stored order) — for the
         all-candidates prediction. Otherwise ``batch_size`` counts rows; the
-        last batch may be smaller.
+        last batch may be smaller. ``prefetch``: read (and decompress) up
+        to this many batches ahead in a background thread
+        (:func:`~.prefetch.prefetch`; the same batches in the same order);
+        0 reads each batch when it is asked for.
         """
         if int(batch_size) != batch_size or batch_size < 1:
             raise GradnetError(f'batch size must be a positive integer, got '
                                f'{batch_size!r}')
-        batch_size = int(batch_size)
+        batches = self._batches(int(batch_size), shuffle, seed,
+                                group_by_sample)
+        return prefetch_items(batches, prefetch) if prefetch else batches
+
+    def _batches(self, batch_size, shuffle, seed, group_by_sample):
+        """The batches of :meth:`iter_batches`, read when asked for."""
         rng = np.random.default_rng(seed)
         if not group_by_sample:
             if not shuffle:
