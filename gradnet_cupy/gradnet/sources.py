@@ -7,11 +7,16 @@ the training features as a
 :class:`~gradnet_cupy.normalize.TrainingFeatures`
 (:func:`store_training_features`, :func:`online_training_features`); for
 evaluation: ``() -> accuracy`` (:func:`store_evaluator`,
-:func:`online_evaluator`); the checks that a test store fits the training
-store (:func:`snapshot_identity`, :func:`check_test_store`). Neighbours: :mod:`.training` (consumes them),
+:func:`online_evaluator`) over test batches (:func:`store_test_batches`,
+:func:`online_test_batches`, the latter for :class:`OnlineTest`: the test
+split scored without a test store); the checks that the test data fits the
+training features (:func:`snapshot_identity`, :func:`online_identity`,
+:func:`check_test_store`, :meth:`OnlineTest.check`). Neighbours: :mod:`.training` (consumes them),
 :mod:`.pipelines` (wires them), :mod:`gradnet_cupy.store` and
 :mod:`gradnet_cupy.extract` (what they read).
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from gradnet_cupy.backend import to_device
@@ -19,6 +24,7 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
 from gradnet_cupy.gradnet.training import evaluate_candidates
 from gradnet_cupy.normalize import TrainingFeatures
+from gradnet_cupy.store import file_sha256
 from gradnet_cupy.tangent import ParameterLayout
 
 STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
@@ -38,6 +44,31 @@ def snapshot_identity(store):
                 layout=store.layout)
 
 
+def online_identity(snapshot, arch, dataset, n_classes, layout):
+    """The :func:`snapshot_identity` keys of tangents extracted on the fly
+    from the snapshot file ``snapshot`` (all but ``q``, which the
+    extraction is given): a JSON-able dict."""
+    return {'model_sha256': file_sha256(snapshot), 'arch': arch,
+            'dataset': dataset, 'n_classes': int(n_classes),
+            'layout': layout.to_dict()}
+
+
+def check_same_snapshot(found, identity, what):
+    """GradnetError unless every key of ``found`` (a
+    :func:`snapshot_identity` or :func:`online_identity`) equals
+    ``identity``'s (the training features'); ``what`` names the test
+    data in the message."""
+    differ = [f'{k} {found.get(k)!r} (training {identity.get(k)!r})'
+              for k in found if k != 'layout'
+              and found.get(k) != identity.get(k)]
+    if found['layout'] != identity.get('layout'):
+        differ.append('the column layout')
+    if differ:
+        raise GradnetError(
+            f'{what} does not come from the training features\' '
+            f"snapshot and layout: it differs in {', '.join(differ)}")
+
+
 def check_test_store(test_store, identity):
     """GradnetError unless the open ``test_store`` has rows, holds every
     candidate of each sample (the all-candidates accuracy is not defined
@@ -53,15 +84,37 @@ def check_test_store(test_store, identity):
             f'{test_store.path} was extracted with --candidates {mode}; the '
             'test accuracy ranks all candidates of a sample: extract the '
             'test split with --candidates all')
-    differ = [f'{k} {found.get(k)!r} (training {identity.get(k)!r})'
-              for k in identity if k != 'layout'
-              and found.get(k) != identity.get(k)]
-    if found['layout'] != identity.get('layout'):
-        differ.append('the column layout')
-    if differ:
-        raise GradnetError(
-            f'{test_store.path} does not come from the training features\' '
-            f"snapshot and layout: it differs in {', '.join(differ)}")
+    check_same_snapshot(found, identity, test_store.path)
+
+
+class OnlineTest(NamedTuple):
+    """The test split scored without a test store: its tangents (all
+    candidates) extracted batch by batch and never written. ``base``: the
+    base network on the device; ``layout``: its ParameterLayout; ``data``:
+    the :class:`~gradnet_cupy.data.Dataset`; ``identity``: the
+    :func:`online_identity` of its snapshot."""
+    base: object
+    layout: ParameterLayout
+    data: object
+    identity: dict
+
+    def check(self, identity):
+        """GradnetError unless this is the snapshot, layout and dataset of
+        the training features' ``identity``."""
+        check_same_snapshot(self.identity, identity,
+                            'the test split extracted on the fly')
+
+
+def online_test_batches(base, layout, data, q, device, batch=64):
+    """``(csr, sample, target)`` batches of the test split extracted on the
+    fly (all candidates, eval transform, never written): float32 CSR on
+    ``device`` (rows x n_columns), int64 sample ids and int true labels
+    (rows,); with ``batch`` equal to the extraction's ``--batch``, the rows
+    of a test store bit for bit."""
+    x, y = data.test
+    for csr, sample, _, target in iter_sparse_tangents(
+            base, x, y, None, q, layout, device, data.eval_transform, batch):
+        yield csr, sample, target
 
 
 def store_test_batches(test_store, device, batch=100):
@@ -152,12 +205,9 @@ def online_training_features(base, layout, data, q, seed, device, batch=64):
 def online_evaluator(model, base, layout, data, q, normalizer, device,
                      batch=64):
     """``() -> accuracy`` on the test split, its tangents (all candidates)
-    extracted on the fly."""
-    x, y = data.test
-
+    extracted on the fly (:func:`online_test_batches`)."""
     def evaluate_test():
-        batches = ((csr, sample, target) for csr, sample, _, target in
-                   iter_sparse_tangents(base, x, y, None, q, layout, device,
-                                        data.eval_transform, batch))
-        return evaluate_candidates(model, batches, normalizer)[0]
+        return evaluate_candidates(
+            model, online_test_batches(base, layout, data, q, device, batch),
+            normalizer)[0]
     return evaluate_test

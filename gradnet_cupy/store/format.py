@@ -287,19 +287,24 @@ def _record_pieces(block):
     return [head + struct.pack('<I', zlib.crc32(head))] + arrays + [padding]
 
 
-def _checked_record_arrays(mapping, record, path):
-    """:func:`_record_arrays` of a committed ``record`` of the journal
-    ``path`` mapped as ``mapping`` (uint8), after checking its payload CRC
-    again (GradnetError when it changed on disk)."""
-    payload = mapping[record.offset:record.offset
-                      + _payload_size(record.rows, record.nnz)]
-    head = mapping[record.offset - _RECORD_HEAD.size:record.offset]
-    expected = _RECORD_HEAD.unpack(head.tobytes())[3]
-    if zlib.crc32(payload) != expected:
+def _read_record(file, record, path):
+    """The :class:`_Block` of a committed ``record`` of the journal ``path``
+    (open as the binary ``file``), read into memory of its own after
+    checking its payload CRC again (GradnetError when it changed on disk).
+
+    Read, not memory-mapped: the pages of a mapped journal stay resident
+    (and counted in the process's RSS) until it is unmapped, so a pass over
+    a mapped journal holds all of it, while this holds one record."""
+    buffer = bytearray(_RECORD_HEAD.size
+                       + _payload_size(record.rows, record.nnz))
+    file.seek(record.offset - _RECORD_HEAD.size)
+    payload = memoryview(buffer)[_RECORD_HEAD.size:]
+    if file.readinto(buffer) != len(buffer) or zlib.crc32(payload) \
+            != _RECORD_HEAD.unpack_from(buffer)[3]:
         raise GradnetError(
             f'{path}: a committed batch changed on disk (CRC mismatch); the '
             'partial file is corrupt, delete it to restart')
-    return _record_arrays(mapping, record)
+    return _record_arrays(buffer, record._replace(offset=_RECORD_HEAD.size))
 
 
 def _journal(path):

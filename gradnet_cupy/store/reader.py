@@ -33,7 +33,7 @@ from gradnet_cupy.kernels.csr import CSR
 from gradnet_cupy.normalize import STAT_FIELDS, ColumnStats
 from gradnet_cupy.store.format import (
     _CHUNK_CACHE_BYTES, FORMAT, FORMAT_VERSION, _incomplete_message,
-    _journal, _record_arrays, _scan_journal)
+    _journal, _RECORD_FIELDS, _scan_journal)
 from gradnet_cupy.store.prefetch import prefetch as prefetch_items
 
 
@@ -133,45 +133,61 @@ class _H5Rows:
 
 
 class _JournalRows:
-    """Row access to an unfinished extraction's journal (read-only)."""
+    """Row access to an unfinished extraction's journal (read-only). The
+    per-row arrays are read at opening; the nonzeros are read from the file
+    when asked for (not memory-mapped: mapped pages would stay resident)."""
 
     def __init__(self, path):
         self.path = path
         self.header, records, _ = _scan_journal(path)
         self.complete = False
-        self.mapping = np.memmap(path, np.uint8, 'r') if records else None
-        blocks = [_record_arrays(self.mapping, r) for r in records]
+        self.file = open(path, 'rb')
+        per_row = {name: [np.zeros(0, dtype)] for name, dtype, length
+                   in _RECORD_FIELDS if length == 'rows'}
+        self.value_offsets = []     # (indices, data) offsets of each record
+        for record in records:
+            offset = record.offset
+            for name, dtype, length in _RECORD_FIELDS:
+                count = record.rows if length == 'rows' else record.nnz
+                if name in per_row:
+                    per_row[name].append(self._array(offset, dtype, count))
+                elif name == 'indices':
+                    self.value_offsets.append((offset, offset + 4 * count))
+                offset += count * np.dtype(dtype).itemsize
         self.nnz_starts = np.cumsum([0] + [r.nnz for r in records])
-        self.blocks = blocks
         self.indptr = np.concatenate(
-            [[0]] + [b.row_nnz for b in blocks]).cumsum()
-        for name in ('sample', 'candidate', 'target'):
-            dtype = np.int64 if name == 'sample' else np.int16
-            setattr(self, name, np.concatenate(
-                [np.zeros(0, dtype)] + [getattr(b, name) for b in blocks]))
+            [[0], np.concatenate(per_row.pop('row_nnz')).cumsum()])
+        for name, arrays in per_row.items():
+            setattr(self, name, np.concatenate(arrays))
+
+    def _array(self, offset, dtype, count):
+        """``count`` values of ``dtype`` at byte ``offset`` of the file."""
+        self.file.seek(offset)
+        return np.frombuffer(self.file.read(count * np.dtype(dtype).itemsize),
+                             dtype)
 
     def values(self, start, stop):
         first = np.searchsorted(self.nnz_starts, start, side='right') - 1
         indices, data = [np.zeros(0, np.int32)], [np.zeros(0, np.float32)]
-        for k in range(max(first, 0), len(self.blocks)):
-            base = self.nnz_starts[k]
+        for k in range(max(first, 0), len(self.value_offsets)):
+            base, end = self.nnz_starts[k], self.nnz_starts[k + 1]
             if base >= stop:
                 break
-            a, b = max(start - base, 0), min(stop - base,
-                                             len(self.blocks[k].indices))
-            indices.append(self.blocks[k].indices[a:b])
-            data.append(self.blocks[k].data[a:b])
+            a, b = max(start - base, 0), min(stop, end) - base
+            at_indices, at_data = self.value_offsets[k]
+            indices.append(self._array(at_indices + 4 * a, np.int32, b - a))
+            data.append(self._array(at_data + 4 * a, np.float32, b - a))
         return np.concatenate(indices), np.concatenate(data)
 
     def column_stats(self):
         stats = ColumnStats(self.header['n_columns'])
-        for block in self.blocks:
-            stats.add_entries(block.indices, block.data)
+        for k in range(len(self.value_offsets)):
+            stats.add_entries(*self.values(self.nnz_starts[k],
+                                           self.nnz_starts[k + 1]))
         return stats.as_dict()
 
     def close(self):
-        self.blocks = []
-        self.mapping = None
+        self.file.close()
 
 
 class TangentStore:
