@@ -29,6 +29,9 @@ from gradnet_cupy.tangent import ParameterLayout
 
 STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
 PREFETCH_BATCHES = 2      # store batches decoded ahead by a reader thread
+# samples per evaluation batch read from a test store (x 10 candidate rows):
+# what the evaluation holds at once, with its normalized copy
+TEST_BATCH_SAMPLES = 10
 # provenance keys that a training and a test store must share: the same base
 # network snapshot seen through the same layout, dataset, q and classes
 SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes')
@@ -117,7 +120,7 @@ def online_test_batches(base, layout, data, q, device, batch=64):
         yield csr, sample, target
 
 
-def store_test_batches(test_store, device, batch=100):
+def store_test_batches(test_store, device, batch=TEST_BATCH_SAMPLES):
     """``(csr, sample, target)`` batches of a test store: a float32 CSR
     (rows x n_columns) on ``device`` and the host int64 sample id and int
     true label of each row (rows,), all candidate rows of each sample read
