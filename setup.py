@@ -24,6 +24,8 @@ setup(
         'numpy>=1.26',
         'scipy',
         'h5py',
+        # Blosc2 HDF5 filter of the store's default compression
+        'hdf5plugin',
         'click>=8',
         'tqdm',
         'threadpoolctl',

@@ -12,7 +12,8 @@ digits of the base split; then
    per digit) and of the ``test`` split (all 10 candidates): rows/s;
 2. the test digits' rows again, in memory (``tangent_features(...,
    candidates='all')`` -> ``percentile_sparsify``), are written with each
-   compression (none, lzf, gzip) and chunk length, measuring
+   compression (``gradnet_cupy.store.COMPRESSIONS``: blosc2-zstd,
+   blosc2-lz4, gzip, lzf, none) and chunk length, measuring
    - append: committing batches of 100 rows to the journal (host transfer
      included when ``--device gpu``);
    - finalize: journal -> compressed HDF5 file with column statistics;
@@ -28,7 +29,14 @@ digits of the base split; then
    + ``train_step``, shuffled batches of 25, read beforehand) and inference
    rows/s (normalize + ``candidate_outputs``, sample-grouped batches);
    ``read_over_train`` and ``read_over_inference`` per configuration are
-   the reading rate over the consuming rate (target: >= 5).
+   the reading rate over the consuming rate (targets: >= 5 and >= 3), and
+   ``size_over_gzip`` the file size over gzip's at the same chunk length
+   (target: <= 1.25);
+4. training fed straight from the store written by ``extract_to_store``
+   (the default compression), reading each shuffled batch as the trainer
+   asks for it (``train_reading_prefetch_0``) or two batches ahead in a
+   reader thread (``train_reading_prefetch_2``), against ``train`` (batches
+   read beforehand).
 
 MB = 10**6 bytes of CSR payload (8 bytes per nonzero), so rates are
 comparable across compressions. Every store and GradNet rate comes per
@@ -76,6 +84,7 @@ Q = 85.0
 APPEND_SAMPLES = 10          # samples (x 10 candidates) per appended batch
 TRAIN_BATCH = 25             # rows: the original GradNet batch
 GROUP_SAMPLES = 10           # samples per sample-grouped batch
+PREFETCH = 2                 # batches read ahead (the trainer's setting)
 
 
 def best_time(function, repeat):
@@ -162,7 +171,11 @@ def measure_store(batches, layout, compression, chunk, repeat, path):
     n_columns = batches[0][0].shape[1]
     megabytes = nnz * 8 / 1e6
 
+    writers = []
+
     def append():
+        while writers:   # the previous repeat's writer holds the lock
+            writers.pop().close()
         for leftover in (path, path.with_name(path.name + '.partial')):
             leftover.unlink(missing_ok=True)
         writer = StoreWriter.create(
@@ -171,6 +184,7 @@ def measure_store(batches, layout, compression, chunk, repeat, path):
             chunk_elements=chunk)
         for batch in batches:
             writer.append(*batch)
+        writers.append(writer)
         return writer
 
     def finalize():
@@ -249,14 +263,31 @@ def measure_gradnet(train_store_path, rows_store_path, layout, n_classes,
         sync()
         return outputs
 
+    def train_reading(prefetch):
+        """Training batches read from the store as the trainer goes."""
+        with TangentStore.open(rows_store_path) as store:
+            losses = [train_step(model, optimizer,
+                                 normalizer(b.csr.to_device(device)),
+                                 to_device(b.target.astype(np.int32),
+                                           device))
+                      for b in store.iter_batches(TRAIN_BATCH, shuffle=True,
+                                                  seed=0, prefetch=prefetch)]
+        sync()
+        return losses
+
     *train_time, losses = best_time(train, repeat)
     *infer_time, _ = best_time(infer, repeat)
+    reading = {prefetch: best_time(lambda: train_reading(prefetch), repeat)
+               for prefetch in (0, PREFETCH)}
     result = {'rows': n_rows, 'hidden_sizes': model.hidden_sizes,
               'train_batch_rows': TRAIN_BATCH,
               'inference_batch_samples': GROUP_SAMPLES,
               'last_train_loss': losses[-1]}
     result.update(rates('train', train_time, None, n_rows))
     result.update(rates('inference', infer_time, None, n_rows))
+    for prefetch, (*seconds, _) in reading.items():
+        result.update(rates(f'train_reading_prefetch_{prefetch}', seconds,
+                            None, n_rows))
     return result
 
 
@@ -281,7 +312,7 @@ def main():
                         help='digits of each of the gradnet and test splits')
     parser.add_argument('--base-samples', type=int, default=1000)
     parser.add_argument('--base-epochs', type=int, default=1)
-    parser.add_argument('--chunks', default='16384,65536',
+    parser.add_argument('--chunks', default='8192,16384,65536',
                         help='comma-separated chunk lengths (elements)')
     parser.add_argument('--repeat', type=int, default=2)
     parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
@@ -314,7 +345,8 @@ def main():
             data.n_classes, args.device, args.repeat, args.seed)
         print(json.dumps(rounded(consumption)), flush=True)
         results = []
-        for compression in store_module.COMPRESSIONS:
+        for compression in sorted(store_module.COMPRESSIONS,
+                                  key=lambda c: c != 'gzip'):
             for chunk in (int(c) for c in args.chunks.split(',')):
                 result = measure_store(
                     batches, layout, compression, chunk, args.repeat,
@@ -326,6 +358,11 @@ def main():
                     result[f'read_over_inference_per_{per}'] = (
                         result[f'read_grouped_10_samples_rows_per_{per}']
                         / consumption[f'inference_rows_per_{per}'])
+                gzip = [r for r in results if r['compression'] == 'gzip'
+                        and r['chunk_elements'] == chunk]
+                if gzip:
+                    result['size_over_gzip'] = (result['file_bytes']
+                                                / gzip[0]['file_bytes'])
                 results.append(result)
                 print(json.dumps(rounded(result)), flush=True)
     finally:
@@ -359,7 +396,9 @@ def main():
                  'csr_MB': nnz * 8 / 1e6},
         'extract': extraction,
         'gradnet_consumption': consumption,
-        'target_read_over_consumption': 5,
+        'target_read_over_train': 5,
+        'target_read_over_inference': 3,
+        'target_size_over_gzip': 1.25,
         'defaults': {'compression': store_module.DEFAULT_COMPRESSION,
                      'chunk_elements': store_module.DEFAULT_CHUNK_ELEMENTS},
         'floor_bytes_per_nonzero': 8,

@@ -9,6 +9,7 @@ command with a one-line ``error: ...`` on stderr and exit status 1 (2 for
 usage errors), never a traceback. With ``--json`` a command prints exactly
 one JSON line on stdout.
 """
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -37,8 +38,7 @@ from gradnet_cupy.rbm.fisher import OBJECTIVES, check_objective_for
 from gradnet_cupy.options import (
     MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
 from gradnet_cupy.store import (
-    COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, file_sha256,
-    merge as merge_stores)
+    COMPRESSIONS, DEFAULT_COMPRESSION, TangentStore, merge as merge_stores)
 from gradnet_cupy.tangent import CANDIDATE_MODES, parameter_layout
 from gradnet_cupy.train_base import (
     BASE_OPTIMIZERS, load_base, load_snapshot, train_base)
@@ -247,6 +247,15 @@ def load_base_model(snapshot, arch, data, device):
     return model, parameter_layout(model)
 
 
+def online_test_source(snapshot, arch, dataset, data_dir, subset, device):
+    """The :class:`~gradnet_cupy.gradnet.OnlineTest` of a snapshot: the test
+    split's tangents extracted on the fly, never written."""
+    data = load_dataset(dataset, data_dir, subset)
+    base, layout = load_base_model(snapshot, arch, data, device)
+    return gradnet.OnlineTest(base, layout, data, gradnet.online_identity(
+        snapshot, arch, dataset, data.n_classes, layout))
+
+
 @main.command()
 @base_model_options
 @dataset_options
@@ -266,8 +275,10 @@ def load_base_model(snapshot, arch, data, device):
                    'must use the same).')
 @click.option('--compression', type=click.Choice(COMPRESSIONS),
               default=DEFAULT_COMPRESSION, show_default=True,
-              help='gzip: smallest, any HDF5 reader; lzf: faster to write; '
-                   'none: fastest to read, twice the size.')
+              help='blosc2-zstd: fast to read, about gzip\'s size (h5py '
+                   'users: import hdf5plugin); blosc2-lz4: faster still, '
+                   'larger; gzip: any HDF5 reader; lzf: h5py\'s own; '
+                   'none: twice the size.')
 @click.option('--normalize', type=click.Choice(['none', 'metric']),
               default='none', show_default=True,
               help='metric: also accumulate the block metric G of the '
@@ -350,11 +361,16 @@ def parse_hidden(text):
 @click.option('--online', is_flag=True,
               help='Algorithm 1: extract each batch on the fly (augmented, '
                    'new random candidates), no store. Needs --model.')
+@click.option('--online-test', is_flag=True,
+              help='With --train: score the test split without a test '
+                   'store, its tangents (all candidates) extracted batch by '
+                   'batch and never written. Needs --model (the training '
+                   "store's snapshot), --arch and --dataset.")
 @click.option('--model', 'snapshot', type=click.Path(exists=True,
                                                      dir_okay=False),
-              help='Base snapshot, with --online.')
+              help='Base snapshot, with --online or --online-test.')
 @click.option('--arch', type=click.Choice(list(MODELS)), default='cnn',
-              show_default=True, help='With --online.')
+              show_default=True, help='With --online or --online-test.')
 @click.option('--q', type=PERCENTILE, default=85.0, show_default=True,
               help='With --online.')
 @dataset_options
@@ -403,7 +419,8 @@ def parse_hidden(text):
               help='Start anew, replacing a fit in --out (or an interrupted '
                    'one in <out>.partial) made with other arguments.')
 @common_options
-def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
+def fit(train_path, test_path, online, online_test, snapshot, arch, q,
+        dataset, data_dir,
         subset, normalize, power, metric_partition, metric_max_block,
         metric_damping, hidden, hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
@@ -420,24 +437,30 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
                             epochs, eval_every, seed)
     normalization = NormalizeOptions(normalize, power, MetricOptions(
         metric_partition, metric_max_block, metric_damping))
+    if (online or online_test) and snapshot is None:
+        raise GradnetError(f"--{'online' if online else 'online-test'} "
+                           'needs --model SNAPSHOT')
+    test = None if not (online or online_test) else online_test_source(
+        snapshot, arch, dataset, data_dir, subset, device)
     if online:
-        if snapshot is None:
-            raise GradnetError('--online needs --model SNAPSHOT')
-        data = load_dataset(dataset, data_dir, subset)
-        base, layout = load_base_model(snapshot, arch, data, device)
         source = {'online': True, 'model': snapshot, 'arch': arch,
                   'dataset': dataset, 'subset': subset, 'q': q,
-                  'snapshot': {'model_sha256': file_sha256(snapshot),
-                               'arch': arch, 'dataset': dataset, 'q': q,
-                               'n_classes': data.n_classes,
-                               'layout': layout.to_dict()}}
+                  'snapshot': dict(test.identity, q=q)}
     else:
-        if train_path is None or test_path is None:
-            raise GradnetError('fit needs --train and --test stores '
-                               '(or --online --model SNAPSHOT)')
-        source = {'train': train_path, 'test': test_path}
-        for name, path in list(source.items()):
-            with TangentStore.open(path) as store:
+        if train_path is None or (test_path is None) == (not online_test):
+            raise GradnetError(
+                'fit needs --train and one of --test STORE or --online-test '
+                '--model SNAPSHOT (or --online --model SNAPSHOT)')
+        source = {'train': train_path}
+        if online_test:
+            source['online_test'] = {'model': snapshot, 'arch': arch,
+                                     'dataset': dataset, 'subset': subset}
+        else:
+            source['test'] = test_path
+        for name in ('train', 'test'):
+            if name not in source:
+                continue
+            with TangentStore.open(source[name]) as store:
                 source[f'{name}_created'] = store.provenance.get('created')
                 if name == 'train':
                     source['snapshot'] = gradnet.snapshot_identity(store)
@@ -451,12 +474,12 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
     else:
         if online:
             model, normalizer, history = gradnet.fit_online(
-                base, layout, data, q, normalization, net, training, device,
-                progress=not as_json, folder=folder)
+                test.base, test.layout, test.data, q, normalization, net,
+                training, device, progress=not as_json, folder=folder)
         else:
             model, normalizer, history = gradnet.fit_stores(
                 train_path, test_path, normalization, net, training, device,
-                progress=not as_json, folder=folder)
+                progress=not as_json, folder=folder, online_test=test)
         summary = gradnet.save_fit(folder, model, normalizer, history)
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
@@ -468,25 +491,50 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
 @click.option('--gradnet', 'folder', required=True,
               type=click.Path(exists=True, file_okay=False),
               help='Folder written by fit.')
-@click.option('--test', 'test_path', required=True,
+@click.option('--test', 'test_path',
               type=click.Path(exists=True, dir_okay=False),
               help='Test store with all candidates.')
+@click.option('--online-test', is_flag=True,
+              help='Instead of --test: extract the test split on the fly '
+                   '(all candidates, never written). Needs --model, --arch '
+                   'and --dataset of the fit.')
+@click.option('--model', 'snapshot', type=click.Path(exists=True,
+                                                     dir_okay=False),
+              help='With --online-test: the base snapshot of the fit.')
+@click.option('--arch', type=click.Choice(list(MODELS)), default='cnn',
+              show_default=True, help='With --online-test.')
+@dataset_options
 @common_options
-def evaluate(folder, test_path, device, seed, as_json):
+def evaluate(folder, test_path, online_test, snapshot, arch, dataset,
+             data_dir, subset, device, seed, as_json):
     """Accuracy and confusion matrix of a saved GradNet on a test store.
 
     The test store must hold all candidates and come from the snapshot and
-    layout the GradNet was trained on."""
+    layout the GradNet was trained on (--online-test: the same is checked
+    of --model, --arch and --dataset)."""
+    if (test_path is None) == (not online_test) or (
+            online_test and snapshot is None):
+        raise GradnetError('evaluate needs --test STORE or --online-test '
+                           '--model SNAPSHOT')
     model, normalizer, info = gradnet.load_gradnet(folder, device)
     model = model_to_device(model, device)
-    with TangentStore.open(test_path) as store:
-        identity = info.get('settings', {}).get('snapshot')
-        if identity is None:
-            raise GradnetError(f'{folder}: the fit does not record its '
-                               'snapshot and layout (fit it again)')
-        gradnet.check_test_store(store, identity)
+    identity = info.get('settings', {}).get('snapshot')
+    if identity is None:
+        raise GradnetError(f'{folder}: the fit does not record its '
+                           'snapshot and layout (fit it again)')
+    with contextlib.ExitStack() as stack:
+        if online_test:
+            test = online_test_source(snapshot, arch, dataset, data_dir,
+                                      subset, device)
+            test.check(identity)
+            batches = gradnet.online_test_batches(
+                test.base, test.layout, test.data, identity['q'], device)
+        else:
+            store = stack.enter_context(TangentStore.open(test_path))
+            gradnet.check_test_store(store, identity)
+            batches = gradnet.store_test_batches(store, device)
         accuracy, _, predicted, truth = gradnet.evaluate_candidates(
-            model, gradnet.store_test_batches(store, device), normalizer)
+            model, batches, normalizer)
     n = model.n_classes
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (truth, predicted), 1)

@@ -10,6 +10,7 @@ Both fit the normalizer on training features only
 :class:`~.persist.FitFolder`, which also holds the per-epoch checkpoints a
 rerun resumes from) and :mod:`.plots`.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -28,7 +29,7 @@ from gradnet_cupy.store import TangentStore
 
 
 def fit_stores(train_path, test_path, normalize, net, training, device,
-               progress, folder=None):
+               progress, folder=None, online_test=None):
     """GradNet trained on a training store, evaluated on a test store:
     ``(model, normalizer, history)``.
 
@@ -38,23 +39,33 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
     column statistics, its ``q``, and whatever its method keeps beside it,
     e.g. the sums of ``extract --normalize metric``). The test store must
     come from the same snapshot and layout and hold all candidates
-    (:func:`~.sources.check_test_store`). ``folder``: a
-    :class:`~.persist.FitFolder` to checkpoint every epoch into and resume
-    from (None: no checkpoints).
+    (:func:`~.sources.check_test_store`). ``online_test``: an
+    :class:`~.sources.OnlineTest` of the same snapshot, to extract the test
+    split on the fly instead (``test_path`` is then not read). ``folder``:
+    a :class:`~.persist.FitFolder` to checkpoint every epoch into and
+    resume from (None: no checkpoints).
     """
-    with TangentStore.open(train_path) as train_store, \
-            TangentStore.open(test_path) as test_store:
-        check_test_store(test_store, snapshot_identity(train_store))
+    with contextlib.ExitStack() as stack:
+        train_store = stack.enter_context(TangentStore.open(train_path))
+        identity = snapshot_identity(train_store)
+        if online_test is None:
+            test_store = stack.enter_context(TangentStore.open(test_path))
+            check_test_store(test_store, identity)
+        else:
+            online_test.check(identity)
         features = store_training_features(train_store, device)
         normalizer = fit_normalizer(features, normalize)
         model = build_gradnet(features.layout.block_sizes,
                               store_classes(train_store), net)
+        evaluator = store_evaluator(model, test_store, normalizer, device) \
+            if online_test is None else online_evaluator(
+                model, online_test.base, online_test.layout,
+                online_test.data, identity['q'], normalizer, device)
         history = _train(
             model, device, training,
             store_batches(train_store, normalizer, training.batch,
                           training.seed, device),
-            store_evaluator(model, test_store, normalizer, device),
-            progress, folder)
+            evaluator, progress, folder)
     return model, normalizer, history
 
 

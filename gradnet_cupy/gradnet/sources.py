@@ -7,11 +7,16 @@ the training features as a
 :class:`~gradnet_cupy.normalize.TrainingFeatures`
 (:func:`store_training_features`, :func:`online_training_features`); for
 evaluation: ``() -> accuracy`` (:func:`store_evaluator`,
-:func:`online_evaluator`); the checks that a test store fits the training
-store (:func:`snapshot_identity`, :func:`check_test_store`). Neighbours: :mod:`.training` (consumes them),
+:func:`online_evaluator`) over test batches (:func:`store_test_batches`,
+:func:`online_test_batches`, the latter for :class:`OnlineTest`: the test
+split scored without a test store); the checks that the test data fits the
+training features (:func:`snapshot_identity`, :func:`online_identity`,
+:func:`check_test_store`, :meth:`OnlineTest.check`). Neighbours: :mod:`.training` (consumes them),
 :mod:`.pipelines` (wires them), :mod:`gradnet_cupy.store` and
 :mod:`gradnet_cupy.extract` (what they read).
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from gradnet_cupy.backend import to_device
@@ -19,9 +24,14 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import candidate_plan, iter_sparse_tangents
 from gradnet_cupy.gradnet.training import evaluate_candidates
 from gradnet_cupy.normalize import TrainingFeatures
+from gradnet_cupy.store import file_sha256
 from gradnet_cupy.tangent import ParameterLayout
 
 STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
+PREFETCH_BATCHES = 2      # store batches decoded ahead by a reader thread
+# samples per evaluation batch read from a test store (x 10 candidate rows):
+# what the evaluation holds at once, with its normalized copy
+TEST_BATCH_SAMPLES = 10
 # provenance keys that a training and a test store must share: the same base
 # network snapshot seen through the same layout, dataset, q and classes
 SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes')
@@ -35,6 +45,31 @@ def snapshot_identity(store):
         raise GradnetError(f'{store.path}: the store has no rows')
     return dict({k: store.provenance.get(k) for k in SNAPSHOT_KEYS},
                 layout=store.layout)
+
+
+def online_identity(snapshot, arch, dataset, n_classes, layout):
+    """The :func:`snapshot_identity` keys of tangents extracted on the fly
+    from the snapshot file ``snapshot`` (all but ``q``, which the
+    extraction is given): a JSON-able dict."""
+    return {'model_sha256': file_sha256(snapshot), 'arch': arch,
+            'dataset': dataset, 'n_classes': int(n_classes),
+            'layout': layout.to_dict()}
+
+
+def check_same_snapshot(found, identity, what):
+    """GradnetError unless every key of ``found`` (a
+    :func:`snapshot_identity` or :func:`online_identity`) equals
+    ``identity``'s (the training features'); ``what`` names the test
+    data in the message."""
+    differ = [f'{k} {found.get(k)!r} (training {identity.get(k)!r})'
+              for k in found if k != 'layout'
+              and found.get(k) != identity.get(k)]
+    if found['layout'] != identity.get('layout'):
+        differ.append('the column layout')
+    if differ:
+        raise GradnetError(
+            f'{what} does not come from the training features\' '
+            f"snapshot and layout: it differs in {', '.join(differ)}")
 
 
 def check_test_store(test_store, identity):
@@ -52,23 +87,46 @@ def check_test_store(test_store, identity):
             f'{test_store.path} was extracted with --candidates {mode}; the '
             'test accuracy ranks all candidates of a sample: extract the '
             'test split with --candidates all')
-    differ = [f'{k} {found.get(k)!r} (training {identity.get(k)!r})'
-              for k in identity if k != 'layout'
-              and found.get(k) != identity.get(k)]
-    if found['layout'] != identity.get('layout'):
-        differ.append('the column layout')
-    if differ:
-        raise GradnetError(
-            f'{test_store.path} does not come from the training features\' '
-            f"snapshot and layout: it differs in {', '.join(differ)}")
+    check_same_snapshot(found, identity, test_store.path)
 
 
-def store_test_batches(test_store, device, batch=100):
+class OnlineTest(NamedTuple):
+    """The test split scored without a test store: its tangents (all
+    candidates) extracted batch by batch and never written. ``base``: the
+    base network on the device; ``layout``: its ParameterLayout; ``data``:
+    the :class:`~gradnet_cupy.data.Dataset`; ``identity``: the
+    :func:`online_identity` of its snapshot."""
+    base: object
+    layout: ParameterLayout
+    data: object
+    identity: dict
+
+    def check(self, identity):
+        """GradnetError unless this is the snapshot, layout and dataset of
+        the training features' ``identity``."""
+        check_same_snapshot(self.identity, identity,
+                            'the test split extracted on the fly')
+
+
+def online_test_batches(base, layout, data, q, device, batch=64):
+    """``(csr, sample, target)`` batches of the test split extracted on the
+    fly (all candidates, eval transform, never written): float32 CSR on
+    ``device`` (rows x n_columns), int64 sample ids and int true labels
+    (rows,); with ``batch`` equal to the extraction's ``--batch``, the rows
+    of a test store bit for bit."""
+    x, y = data.test
+    for csr, sample, _, target in iter_sparse_tangents(
+            base, x, y, None, q, layout, device, data.eval_transform, batch):
+        yield csr, sample, target
+
+
+def store_test_batches(test_store, device, batch=TEST_BATCH_SAMPLES):
     """``(csr, sample, target)`` batches of a test store: a float32 CSR
     (rows x n_columns) on ``device`` and the host int64 sample id and int
     true label of each row (rows,), all candidate rows of each sample read
     together (for :func:`~.training.evaluate_candidates`)."""
-    for b in test_store.iter_batches(batch, group_by_sample=True):
+    for b in test_store.iter_batches(batch, group_by_sample=True,
+                                     prefetch=PREFETCH_BATCHES):
         yield b.csr.to_device(device), b.sample, b.target
 
 
@@ -85,7 +143,8 @@ def store_batches(store, normalizer, batch, seed, device):
     store, shuffled per epoch from ``seed``: float32 CSR (``batch`` rows x
     n_columns) and int32 (rows,) labels, both on ``device``."""
     def epoch_batches(epoch):
-        for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch):
+        for b in store.iter_batches(batch, shuffle=True, seed=seed + epoch,
+                                    prefetch=PREFETCH_BATCHES):
             yield (normalizer(b.csr.to_device(device)),
                    to_device(b.target.astype(np.int32), device))
     return epoch_batches
@@ -126,7 +185,8 @@ def store_training_features(store, device):
     return TrainingFeatures(
         ParameterLayout.from_dict(store.layout), store.provenance.get('q'),
         lambda: (b.csr.to_device(device)
-                 for b in store.iter_batches(STATS_READ_BATCH)),
+                 for b in store.iter_batches(STATS_READ_BATCH,
+                                             prefetch=PREFETCH_BATCHES)),
         device, store.column_stats(), store)
 
 
@@ -148,12 +208,9 @@ def online_training_features(base, layout, data, q, seed, device, batch=64):
 def online_evaluator(model, base, layout, data, q, normalizer, device,
                      batch=64):
     """``() -> accuracy`` on the test split, its tangents (all candidates)
-    extracted on the fly."""
-    x, y = data.test
-
+    extracted on the fly (:func:`online_test_batches`)."""
     def evaluate_test():
-        batches = ((csr, sample, target) for csr, sample, _, target in
-                   iter_sparse_tangents(base, x, y, None, q, layout, device,
-                                        data.eval_transform, batch))
-        return evaluate_candidates(model, batches, normalizer)[0]
+        return evaluate_candidates(
+            model, online_test_batches(base, layout, data, q, device, batch),
+            normalizer)[0]
     return evaluate_test

@@ -42,16 +42,23 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import struct
 import zlib
 from typing import NamedTuple
 
 import h5py
+import hdf5plugin
 import numpy as np
 
 from gradnet_cupy import __version__
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.normalize import ColumnStats
+
+try:
+    import resource
+except ImportError:   # not POSIX: no file size limit to respect
+    resource = None
 
 FORMAT = 'gradnet-cupy tangent store'
 FORMAT_VERSION = 1
@@ -60,13 +67,14 @@ TMP_SUFFIX = '.tmp'
 LOCK_SUFFIX = '.lock'
 SHARD_KEY = 'shard'
 
-COMPRESSIONS = ('gzip', 'lzf', 'none')
-# From bench/results/store-cpu.json (real MNIST CNN tangents, q = 85): gzip
-# (level 1 + shuffle) stores 3.9 bytes per nonzero against 4.3 for lzf and
-# 8.0 uncompressed, reads as fast per CPU second as lzf, and every HDF5
-# reader decodes it (lzf needs h5py). 'none' reads about 3x faster at twice
-# the size. Chunks of 2**14 elements: random rows stay cheap to read.
-DEFAULT_COMPRESSION = 'gzip'
+# Blosc2 (HDF5 filter 32026 from the hdf5plugin package, which the reader
+# imports: any h5py reads these stores after ``import hdf5plugin``) with its
+# byte shuffle, then Zstandard level 1 or LZ4; gzip (level 1 + shuffle)
+# and lzf (h5py's own filters) and none stay selectable. The default was
+# chosen from bench/results/store-cpu.json (docs/benchmarks.rst).
+COMPRESSIONS = ('blosc2-zstd', 'blosc2-lz4', 'gzip', 'lzf', 'none')
+DEFAULT_COMPRESSION = 'blosc2-zstd'
+_BLOSC2_LEVELS = {'zstd': 1, 'lz4': 5}
 DEFAULT_CHUNK_ELEMENTS = 1 << 14
 _RESERVED_PROVENANCE = ('package_version', 'created')
 _CHUNK_CACHE_BYTES = 16 << 20
@@ -144,12 +152,19 @@ def _storage(compression, chunk_elements):
 
 def _dataset_options(storage):
     """h5py ``create_dataset`` keyword arguments for ``storage``."""
+    compression = storage['compression']
+    blosc2 = compression.startswith('blosc2-')
     options = {'chunks': (storage['chunk_elements'],), 'maxshape': (None,),
-               'shuffle': storage['shuffle'],
+               'shuffle': storage['shuffle'] and not blosc2,
                'fletcher32': storage['fletcher32']}
-    if storage['compression'] == 'gzip':
+    if blosc2:   # Blosc2 shuffles the bytes itself
+        cname = compression[len('blosc2-'):]
+        options.update(hdf5plugin.Blosc2(
+            cname=cname, clevel=_BLOSC2_LEVELS[cname],
+            filters=hdf5plugin.Blosc2.SHUFFLE))
+    elif compression == 'gzip':
         options.update(compression='gzip', compression_opts=1)
-    elif storage['compression'] == 'lzf':
+    elif compression == 'lzf':
         options.update(compression='lzf')
     return options
 
@@ -272,19 +287,24 @@ def _record_pieces(block):
     return [head + struct.pack('<I', zlib.crc32(head))] + arrays + [padding]
 
 
-def _checked_record_arrays(mapping, record, path):
-    """:func:`_record_arrays` of a committed ``record`` of the journal
-    ``path`` mapped as ``mapping`` (uint8), after checking its payload CRC
-    again (GradnetError when it changed on disk)."""
-    payload = mapping[record.offset:record.offset
-                      + _payload_size(record.rows, record.nnz)]
-    head = mapping[record.offset - _RECORD_HEAD.size:record.offset]
-    expected = _RECORD_HEAD.unpack(head.tobytes())[3]
-    if zlib.crc32(payload) != expected:
+def _read_record(file, record, path):
+    """The :class:`_Block` of a committed ``record`` of the journal ``path``
+    (open as the binary ``file``), read into memory of its own after
+    checking its payload CRC again (GradnetError when it changed on disk).
+
+    Read, not memory-mapped: the pages of a mapped journal stay resident
+    (and counted in the process's RSS) until it is unmapped, so a pass over
+    a mapped journal holds all of it, while this holds one record."""
+    buffer = bytearray(_RECORD_HEAD.size
+                       + _payload_size(record.rows, record.nnz))
+    file.seek(record.offset - _RECORD_HEAD.size)
+    payload = memoryview(buffer)[_RECORD_HEAD.size:]
+    if file.readinto(buffer) != len(buffer) or zlib.crc32(payload) \
+            != _RECORD_HEAD.unpack_from(buffer)[3]:
         raise GradnetError(
             f'{path}: a committed batch changed on disk (CRC mismatch); the '
             'partial file is corrupt, delete it to restart')
-    return _record_arrays(mapping, record)
+    return _record_arrays(buffer, record._replace(offset=_RECORD_HEAD.size))
 
 
 def _journal(path):
@@ -394,11 +414,35 @@ def _check_same_extraction(path, found, expected):
 
 # ------------------------------------------------------------ HDF5 writer --
 
+def _check_room(path, n_rows, nnz, n_columns):
+    """GradnetError unless the file system of ``path`` has room for a store
+    of this size, and the process's file size limit (``ulimit -f``) allows
+    it: at most its uncompressed bytes, plus 1% and 1 MiB for chunk
+    headers and metadata. Checked before writing because HDF5 cannot
+    recover from a failed write (h5py may even crash on closing such a
+    file)."""
+    needed = int(1.01 * (8 * nnz + 28 * n_rows + 40 * n_columns)) + (1 << 20)
+    free = shutil.disk_usage(path.parent).free
+    room, where = free, f'{free / 1e6:.1f} MB free in {path.parent}'
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource \
+        else None
+    if limit not in (None, getattr(resource, 'RLIM_INFINITY', None)) \
+            and limit < free:
+        room, where = limit, f'the file size limit is {limit / 1e6:.1f} MB'
+    if room < needed:
+        raise GradnetError(
+            f'{path}: not enough room for the store: it needs up to '
+            f'{needed / 1e6:.1f} MB and {where}; free some space and run '
+            'the command again')
+
+
 def _write_h5(path, header, n_rows, nnz, blocks, extra_attrs=None):
     """Write a complete store at ``path`` from ``blocks`` (:class:`_Block`s
     holding ``n_rows`` rows and ``nnz`` nonzeros in all), then flush it to
-    disk. The column statistics are accumulated on the way."""
+    disk. The column statistics are accumulated on the way. Refuses
+    (:func:`_check_room`) when the disk cannot hold it."""
     n_columns = header['n_columns']
+    _check_room(path, n_rows, nnz, n_columns)
     options = _dataset_options(header['storage'])
     stats = ColumnStats(n_columns)
     with h5py.File(path, 'w', rdcc_nbytes=_CHUNK_CACHE_BYTES) as f:

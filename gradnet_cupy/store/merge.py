@@ -22,7 +22,7 @@ from gradnet_cupy.store.reader import TangentStore
 
 
 def merge(shard_paths, out_path, compression=None, chunk_elements=None,
-          rows_per_block=4096):
+          rows_per_block=256):
     """Join the finished shards of one extraction into the store
     ``out_path``; returns its path.
 
@@ -31,7 +31,9 @@ def merge(shard_paths, out_path, compression=None, chunk_elements=None,
     otherwise. Rows follow shard index order; the result's provenance is the
     shards' without ``shard`` (and a new ``created``), and the root
     attribute ``merged_from`` lists the shard files. ``compression`` and
-    ``chunk_elements`` default to the first shard's.
+    ``chunk_elements`` default to the first shard's. Rows are copied
+    ``rows_per_block`` at a time (what the merge holds in memory: 256 rows
+    of 135,360 columns at 15% density are 42 MB).
     """
     out_path = Path(out_path)
     if not shard_paths:

@@ -3,7 +3,8 @@
 Its one job is row access to a store: a finished HDF5 file, or (with
 ``allow_incomplete``) the journal of an unfinished extraction, behind one
 interface (``_H5Rows`` and ``_JournalRows``). All rows come back as NumPy
-arrays on the host. A truncated or corrupt file, a file that is not a
+arrays on the host; :mod:`.format` imports ``hdf5plugin``, which
+registers the Blosc2 filter of the default compression with HDF5. A truncated or corrupt file, a file that is not a
 store, or one of another format version is refused with a
 :class:`GradnetError`.
 
@@ -32,7 +33,8 @@ from gradnet_cupy.kernels.csr import CSR
 from gradnet_cupy.normalize import STAT_FIELDS, ColumnStats
 from gradnet_cupy.store.format import (
     _CHUNK_CACHE_BYTES, FORMAT, FORMAT_VERSION, _incomplete_message,
-    _journal, _record_arrays, _scan_journal)
+    _journal, _RECORD_FIELDS, _scan_journal)
+from gradnet_cupy.store.prefetch import prefetch as prefetch_items
 
 
 class Batch(NamedTuple):
@@ -131,45 +133,61 @@ class _H5Rows:
 
 
 class _JournalRows:
-    """Row access to an unfinished extraction's journal (read-only)."""
+    """Row access to an unfinished extraction's journal (read-only). The
+    per-row arrays are read at opening; the nonzeros are read from the file
+    when asked for (not memory-mapped: mapped pages would stay resident)."""
 
     def __init__(self, path):
         self.path = path
         self.header, records, _ = _scan_journal(path)
         self.complete = False
-        self.mapping = np.memmap(path, np.uint8, 'r') if records else None
-        blocks = [_record_arrays(self.mapping, r) for r in records]
+        self.file = open(path, 'rb')
+        per_row = {name: [np.zeros(0, dtype)] for name, dtype, length
+                   in _RECORD_FIELDS if length == 'rows'}
+        self.value_offsets = []     # (indices, data) offsets of each record
+        for record in records:
+            offset = record.offset
+            for name, dtype, length in _RECORD_FIELDS:
+                count = record.rows if length == 'rows' else record.nnz
+                if name in per_row:
+                    per_row[name].append(self._array(offset, dtype, count))
+                elif name == 'indices':
+                    self.value_offsets.append((offset, offset + 4 * count))
+                offset += count * np.dtype(dtype).itemsize
         self.nnz_starts = np.cumsum([0] + [r.nnz for r in records])
-        self.blocks = blocks
         self.indptr = np.concatenate(
-            [[0]] + [b.row_nnz for b in blocks]).cumsum()
-        for name in ('sample', 'candidate', 'target'):
-            dtype = np.int64 if name == 'sample' else np.int16
-            setattr(self, name, np.concatenate(
-                [np.zeros(0, dtype)] + [getattr(b, name) for b in blocks]))
+            [[0], np.concatenate(per_row.pop('row_nnz')).cumsum()])
+        for name, arrays in per_row.items():
+            setattr(self, name, np.concatenate(arrays))
+
+    def _array(self, offset, dtype, count):
+        """``count`` values of ``dtype`` at byte ``offset`` of the file."""
+        self.file.seek(offset)
+        return np.frombuffer(self.file.read(count * np.dtype(dtype).itemsize),
+                             dtype)
 
     def values(self, start, stop):
         first = np.searchsorted(self.nnz_starts, start, side='right') - 1
         indices, data = [np.zeros(0, np.int32)], [np.zeros(0, np.float32)]
-        for k in range(max(first, 0), len(self.blocks)):
-            base = self.nnz_starts[k]
+        for k in range(max(first, 0), len(self.value_offsets)):
+            base, end = self.nnz_starts[k], self.nnz_starts[k + 1]
             if base >= stop:
                 break
-            a, b = max(start - base, 0), min(stop - base,
-                                             len(self.blocks[k].indices))
-            indices.append(self.blocks[k].indices[a:b])
-            data.append(self.blocks[k].data[a:b])
+            a, b = max(start - base, 0), min(stop, end) - base
+            at_indices, at_data = self.value_offsets[k]
+            indices.append(self._array(at_indices + 4 * a, np.int32, b - a))
+            data.append(self._array(at_data + 4 * a, np.float32, b - a))
         return np.concatenate(indices), np.concatenate(data)
 
     def column_stats(self):
         stats = ColumnStats(self.header['n_columns'])
-        for block in self.blocks:
-            stats.add_entries(block.indices, block.data)
+        for k in range(len(self.value_offsets)):
+            stats.add_entries(*self.values(self.nnz_starts[k],
+                                           self.nnz_starts[k + 1]))
         return stats.as_dict()
 
     def close(self):
-        self.blocks = []
-        self.mapping = None
+        self.file.close()
 
 
 class TangentStore:
@@ -261,7 +279,8 @@ class TangentStore:
 
     def read_rows(self, rows):
         """The given rows (int array, any order, repeats allowed) as a Batch
-        in that order. Reads each run of consecutive stored rows at once."""
+        in that order. Reads each run of consecutive rows (``r, r + 1,
+        ...`` in the requested order) at once."""
         rows = np.asarray(rows)
         if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(
                 rows.dtype, np.integer)):
@@ -271,27 +290,17 @@ class TangentStore:
             raise GradnetError(f'row indices must lie in [0, {len(self)}), '
                                f'got [{rows.min()}, {rows.max()}]')
         rows = rows.astype(np.int64)
-        unique = np.unique(rows)
-        runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
-        pieces = [self._rows.values(self._rows.indptr[run[0]],
-                                    self._rows.indptr[run[-1] + 1])
-                  for run in runs if run.size]
+        stored = self._rows.indptr
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        pieces = [self._rows.values(stored[run[0]], stored[run[-1] + 1])
+                  for run in np.split(rows, breaks) if run.size]
         indices = np.concatenate([np.zeros(0, np.int32)]
                                  + [p[0] for p in pieces])
         data = np.concatenate([np.zeros(0, np.float32)]
                               + [p[1] for p in pieces])
-        lengths = np.diff(self._rows.indptr)[unique]
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        position = np.searchsorted(unique, rows)
-        if not np.array_equal(position, np.arange(len(unique))):
-            lengths = lengths[position]
-            ends = np.cumsum(lengths)
-            gather = (np.arange(ends[-1] if len(ends) else 0)
-                      + np.repeat(starts[position] - (ends - lengths),
-                                  lengths))
-            indices, data = indices[gather], data[gather]
-            starts = np.concatenate([[0], ends])
-        return self._batch(starts, indices, data, rows)
+        indptr = np.concatenate([[0], np.cumsum(stored[rows + 1]
+                                                - stored[rows])])
+        return self._batch(indptr, indices, data, rows)
 
     def _batch(self, indptr, indices, data, rows):
         csr = CSR(indptr.astype(np.int64), indices, data,
@@ -301,7 +310,7 @@ class TangentStore:
                      self._rows.target[rows].copy())
 
     def iter_batches(self, batch_size, shuffle=False, seed=0,
-                     group_by_sample=False):
+                     group_by_sample=False, prefetch=0):
         """Yield Batches covering every row once.
 
         Sequential by default; ``shuffle`` permutes with
@@ -310,12 +319,20 @@ class TangentStore:
         samples (groups in order of first appearance, shuffled as wholes
         when ``shuffle``; rows of a group in stored order) — for the
         all-candidates prediction. Otherwise ``batch_size`` counts rows; the
-        last batch may be smaller.
+        last batch may be smaller. ``prefetch``: read (and decompress) up
+        to this many batches ahead in a background thread
+        (:func:`~.prefetch.prefetch`; the same batches in the same order);
+        0 reads each batch when it is asked for.
         """
         if int(batch_size) != batch_size or batch_size < 1:
             raise GradnetError(f'batch size must be a positive integer, got '
                                f'{batch_size!r}')
-        batch_size = int(batch_size)
+        batches = self._batches(int(batch_size), shuffle, seed,
+                                group_by_sample)
+        return prefetch_items(batches, prefetch) if prefetch else batches
+
+    def _batches(self, batch_size, shuffle, seed, group_by_sample):
+        """The batches of :meth:`iter_batches`, read when asked for."""
         rng = np.random.default_rng(seed)
         if not group_by_sample:
             if not shuffle:

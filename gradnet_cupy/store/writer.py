@@ -46,10 +46,9 @@ from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.kernels.csr import check_csr
 from gradnet_cupy.store.format import (
     DEFAULT_CHUNK_ELEMENTS, DEFAULT_COMPRESSION, TMP_SUFFIX, _Block,
-    _check_same_extraction, _checked_record_arrays, _incomplete_message,
-    _install, _journal, _new_header, _Record, _RECORD_HEAD, _record_pieces,
-    _scan_journal, _storage, _write_h5, _write_journal_header,
-    _WriterLock)
+    _check_same_extraction, _incomplete_message, _install, _journal,
+    _new_header, _read_record, _Record, _RECORD_HEAD, _record_pieces,
+    _scan_journal, _storage, _write_h5, _write_journal_header, _WriterLock)
 from gradnet_cupy.store.reader import TangentStore
 
 
@@ -308,12 +307,12 @@ class StoreWriter:
             raise GradnetError(_incomplete_message(self.path, self.n_rows,
                                                    self.total_rows))
         tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
-        mapping = np.memmap(self.journal_path, np.uint8, 'r')
         try:
-            with naming(tmp):
+            with naming(tmp), open(self.journal_path, 'rb') as journal:
                 _write_h5(tmp, self._header, self.n_rows,
                           sum(r.nnz for r in self._records),
-                          self._journal_blocks(mapping))
+                          (_read_record(journal, record, self.journal_path)
+                           for record in self._records))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -323,11 +322,6 @@ class StoreWriter:
         self._header['total_rows'] = self.n_rows
         self.complete = True
         return self.path
-
-    def _journal_blocks(self, mapping):
-        """The journal's records as :class:`_Block`s, CRCs checked again."""
-        for record in self._records:
-            yield _checked_record_arrays(mapping, record, self.journal_path)
 
     def close(self):
         """Release the journal and the writer lock (without finalizing: the
