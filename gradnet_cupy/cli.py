@@ -21,7 +21,7 @@ import tempfile
 import click
 import numpy as np
 
-from gradnet_cupy import __version__, gradnet
+from gradnet_cupy import __version__, gradnet, scaleout
 from gradnet_cupy.backend import DEVICES, resolve_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
@@ -43,6 +43,16 @@ from gradnet_cupy.tangent import CANDIDATE_MODES, parameter_layout
 from gradnet_cupy.train_base import (
     BASE_OPTIMIZERS, load_base, load_snapshot, train_base)
 
+
+MPI_HELP = {
+    'extract': 'Run as one of the ranks of `mpiexec -n N`: rank r extracts '
+               'shard r/N (on its node\'s GPU r with --device gpu), rank 0 '
+               'merges them into --out. Needs pip install '
+               '"gradnet-cupy[mpi]".',
+    'fit': 'Run as one of the ranks of `mpiexec -n N`: data-parallel '
+           'training (ChainerMN), each rank takes --batch rows of every '
+           'global batch of N x --batch; rank 0 writes --out. Needs pip '
+           'install "gradnet-cupy[mpi]".'}
 
 # tangent's CANDIDATE_MODES in the order --candidates has always listed them
 CANDIDATE_CHOICES = sorted(CANDIDATE_MODES,
@@ -284,15 +294,22 @@ def load_base_model(snapshot, arch, data, device):
 @click.option('--binarize', 'threshold', type=float, default=None,
               help='With --arch rbm: visible unit = 1 where the image value '
                    'exceeds this.')
+@click.option('--mpi', is_flag=True, help=MPI_HELP['extract'])
 @common_options
 def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
             out, shard, batch, compression, normalize, metric_partition,
-            metric_max_block, objective, threshold, device, seed, as_json):
+            metric_max_block, objective, threshold, mpi, device, seed,
+            as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
     complete batch ended; a store of a different extraction is refused.
     """
+    if mpi and (shard is not None or normalize != 'none'):
+        raise GradnetError('--mpi picks the shard of each rank itself and '
+                           'accumulates no metric: drop --shard and '
+                           '--normalize metric')
+    parallel = scaleout.start(mpi, device, click.get_current_context().params)
     options = NormalizeOptions(normalize, metric=MetricOptions(
         metric_partition, metric_max_block))
     data = load_dataset(dataset, data_dir, subset)
@@ -307,12 +324,19 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
         layout, options, device)
     provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
                                   subset)
-    summary = extract_to_store(
-        model, layout, getattr(data, split), data.n_classes, out, provenance,
-        candidates=candidates, q=q, shard=parse_shard(shard), seed=seed,
-        device=device, transform=transform, batch=batch,
-        progress=not as_json, compression=compression, metric=metric,
-        objective=OBJECTIVES[objective], features_map=features_map)
+
+    def run(path, shard):
+        return extract_to_store(
+            model, layout, getattr(data, split), data.n_classes, path,
+            provenance, candidates=candidates, q=q, shard=shard, seed=seed,
+            device=device, transform=transform, batch=batch,
+            progress=not as_json and parallel.is_root,
+            compression=compression, metric=metric,
+            objective=OBJECTIVES[objective], features_map=features_map)
+    summary = scaleout.extract_ranks(parallel, out, run) if mpi else \
+        run(out, parse_shard(shard))
+    if not parallel.is_root:
+        return
     report(as_json, summary,
            f"{summary['rows']} rows x {summary['n_columns']} columns, "
            f"density {summary['density']:.4f}, in {summary['path']}"
