@@ -426,18 +426,22 @@ def parse_hidden(text):
 @click.option('--overwrite', is_flag=True,
               help='Start anew, replacing a fit in --out (or an interrupted '
                    'one in <out>.partial) made with other arguments.')
+@click.option('--mpi', is_flag=True, help=MPI_HELP['fit'])
 @common_options
 def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
         subset, normalize, power, metric_partition, metric_max_block,
         metric_damping, hidden, hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
-        eval_every, out, overwrite, device, seed, as_json):
+        eval_every, out, overwrite, mpi, device, seed, as_json):
     """Train GradNet on tangent features and evaluate it (all candidates).
 
     A fit killed midway resumes from its last completed epoch when the same
     command is run again (bit for bit the weights of an uninterrupted run);
     a rerun of a finished fit only prints its summary.
     """
+    if mpi and online:
+        raise GradnetError('--mpi trains on stores: drop --online')
+    parallel = scaleout.start(mpi, device, click.get_current_context().params)
     net = NetOptions(parse_hidden(hidden), hidden_total, wiring, dropout,
                      batchnorm, seed)
     training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,
@@ -469,9 +473,11 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
                 **dataclasses.asdict(net), **dataclasses.asdict(training),
                 **normalizer_class(normalize).extra_settings(normalization),
                 'device': device}
-    folder = gradnet.FitFolder(out, settings, overwrite)
-    if folder.done is not None:
-        summary = folder.done['summary']
+    folder = scaleout.gather_errors(parallel, lambda: gradnet.FitFolder(
+        out, settings, overwrite) if parallel.is_root else None)
+    done = parallel.bcast(folder and folder.done)
+    if done is not None:
+        summary = done['summary']
     else:
         if online:
             model, normalizer, history = gradnet.fit_online(
@@ -480,8 +486,13 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
         else:
             model, normalizer, history = gradnet.fit_stores(
                 train_path, test_path, normalization, net, training, device,
-                progress=not as_json, folder=folder)
+                progress=not as_json and parallel.is_root, folder=folder,
+                parallel=parallel)
+        if not parallel.is_root:
+            return
         summary = gradnet.save_fit(folder, model, normalizer, history)
+    if not parallel.is_root:
+        return
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
            f"(hidden {','.join(map(str, summary['hidden_sizes']))}); saved "

@@ -15,7 +15,7 @@ shard), :mod:`gradnet_cupy.store` (merge, reader), cli (``extract --mpi``).
 """
 from pathlib import Path
 
-from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.scaleout.parallel import RanksError, gather_errors
 from gradnet_cupy.store import TangentStore, merge
 
 
@@ -24,24 +24,6 @@ def shard_path(out, rank, size):
     ``out``: ``OUT.rank<rank>-of-<size>`` beside it."""
     out = Path(out)
     return out.with_name(f'{out.name}.rank{rank}-of-{size}')
-
-
-def gather_errors(parallel, run):
-    """``run()`` on every rank, then: its result if no rank failed, else a
-    GradnetError on every rank naming the first failed rank and its error
-    (so that no rank waits forever for one that gave up)."""
-    try:
-        result, error = run(), None
-    except (GradnetError, OSError) as e:
-        result, error = None, e
-    errors = parallel.allgather(None if error is None else str(error))
-    failed = [(rank, text) for rank, text in enumerate(errors) if text]
-    if error is not None and parallel.size == 1:
-        raise error
-    if failed:
-        rank, text = failed[0]
-        raise GradnetError(f'rank {rank} of {parallel.size}: {text}')
-    return result
 
 
 def extract_ranks(parallel, out, extract):
@@ -55,7 +37,7 @@ def extract_ranks(parallel, out, extract):
     """
     out = Path(out)
     if out.exists():
-        raise GradnetError(f'{out} already exists (a finished extraction): '
+        raise RanksError(f'{out} already exists (a finished extraction): '
                            'remove it to extract again')
     rank, size = parallel.rank, parallel.size
     shard = gather_errors(parallel, lambda: extract(

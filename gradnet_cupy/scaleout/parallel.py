@@ -15,10 +15,18 @@ Neighbours: :mod:`gradnet_cupy.chainer_compat` (ChainerMN),
 import hashlib
 import importlib.util
 import json
+import sys
+import traceback
 
 from gradnet_cupy.errors import GradnetError
 
 INSTALL_HINT = 'pip install "gradnet-cupy[mpi]"'
+_JOB = []     # the MPIParallel of this process, once connected
+
+
+class RanksError(GradnetError):
+    """A GradnetError that every rank raises alike (after comparing notes
+    with the others): the ranks end together, none waits."""
 
 
 class Parallel:
@@ -66,6 +74,14 @@ class MPIParallel(Parallel):
         self.rank = communicator.rank
         self.size = communicator.size
         self.local_rank = communicator.intra_rank
+        _JOB[:] = [self]
+        sys.excepthook = _abort_after_traceback
+
+    def abort(self, code=1):
+        """End every rank of the job now (MPI_Abort)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.communicator.mpi_comm.Abort(code)
 
     def mean(self, value):
         return self.communicator.allreduce_obj(float(value)) / self.size
@@ -74,14 +90,22 @@ class MPIParallel(Parallel):
         return self.communicator.mpi_comm.allgather(obj)
 
     def bcast(self, obj):
-        return self.communicator.bcast_obj(obj)
+        # ChainerMN's chunked broadcast (no 2 GiB limit): None on the other
+        # ranks, and never None on the root
+        return self.communicator.bcast_obj(
+            (obj,) if self.is_root else None)[0]
 
     def barrier(self):
         self.communicator.mpi_comm.Barrier()
 
     def optimizer(self, optimizer):
-        return self._chainermn.create_multi_node_optimizer(
+        multi = self._chainermn.create_multi_node_optimizer(
             optimizer, self.communicator)
+        # ChainerMN broadcasts rank 0's weights in place of the first update
+        # that sees a new set of parameters: done here, every update counts
+        multi.is_changed(optimizer.target)
+        self.communicator.bcast_data(optimizer.target)
+        return multi
 
 
 SINGLE = Parallel()
@@ -126,6 +150,40 @@ def connect(device):
         'pure_nccl', MPI.COMM_WORLD))
 
 
+def end_job_on(error, code=1):
+    """For a command that ends with ``error`` (exit status ``code``), its
+    message already printed: in an MPI job, unless every rank raised it
+    alike (:class:`RanksError`), end all ranks (the others may be waiting
+    for this one in a collective operation and would hang)."""
+    if _JOB and code and not isinstance(error, RanksError):
+        _JOB[0].abort(code)
+
+
+def _abort_after_traceback(kind, value, trace):
+    """``sys.excepthook`` of an MPI rank: the traceback, then
+    :func:`end_job_on`."""
+    traceback.print_exception(kind, value, trace)
+    end_job_on(value)
+
+
+def gather_errors(parallel, run):
+    """``run()`` on every rank, then: its result if no rank failed, else a
+    :class:`RanksError` on every rank naming the first failed rank and its
+    error (so that no rank waits forever for one that gave up)."""
+    try:
+        result, error = run(), None
+    except (GradnetError, OSError) as e:
+        result, error = None, e
+    errors = parallel.allgather(None if error is None else str(error))
+    failed = [(rank, text) for rank, text in enumerate(errors) if text]
+    if error is not None and parallel.size == 1:
+        raise error
+    if failed:
+        rank, text = failed[0]
+        raise RanksError(f'rank {rank} of {parallel.size}: {text}')
+    return result
+
+
 def check_same_arguments(parallel, arguments):
     """GradnetError on every rank unless all ranks pass equal
     ``arguments`` (a JSON-able dict: the command's parsed options); the
@@ -134,7 +192,7 @@ def check_same_arguments(parallel, arguments):
     digests = parallel.allgather(hashlib.sha256(text.encode()).hexdigest())
     differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
     if differ:
-        raise GradnetError(
+        raise RanksError(
             f"the {parallel.size} MPI ranks were started with different "
             f"arguments (rank(s) {', '.join(map(str, differ))} differ from "
             'rank 0): start every rank with the same command')
