@@ -441,7 +441,8 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
     """
     if mpi and online:
         raise GradnetError('--mpi trains on stores: drop --online')
-    parallel = scaleout.start(mpi, device, click.get_current_context().params)
+    parallel = scaleout.start(mpi, device, click.get_current_context().params,
+                              gradients=True)
     net = NetOptions(parse_hidden(hidden), hidden_total, wiring, dropout,
                      batchnorm, seed)
     training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,

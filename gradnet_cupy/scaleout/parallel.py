@@ -18,6 +18,7 @@ import json
 import sys
 import traceback
 
+from gradnet_cupy.backend import import_cupy
 from gradnet_cupy.errors import GradnetError
 
 INSTALL_HINT = 'pip install "gradnet-cupy[mpi]"'
@@ -111,13 +112,14 @@ class MPIParallel(Parallel):
 SINGLE = Parallel()
 
 
-def connect(device):
+def connect(device, gradients=False):
     """The :class:`MPIParallel` of the ranks this process was started with
     (by ``mpiexec -n N``; a process started alone is rank 0 of 1).
 
     ``device`` 'gpu': the rank uses GPU ``local_rank % (GPUs on its node)``
-    (made CuPy's current device) and NCCL between GPUs (ChainerMN's
-    ``pure_nccl`` communicator); 'cpu': MPI alone (``naive``). Raises a
+    (made CuPy's current device), and, when the ranks exchange
+    ``gradients`` (training), NCCL between the GPUs (ChainerMN's
+    ``pure_nccl`` communicator); else MPI alone (``naive``). Raises a
     :class:`GradnetError` naming what is missing when mpi4py, an MPI
     library or NCCL is not installed.
     """
@@ -132,13 +134,15 @@ def connect(device):
                            'installs MPICH') from None
     from gradnet_cupy.chainer_compat import import_chainermn
     chainermn = import_chainermn()
-    if device != 'gpu':
+    if device == 'gpu':
+        cupy = import_cupy()
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        cupy.cuda.Device(node.rank
+                         % cupy.cuda.runtime.getDeviceCount()).use()
+        node.Free()
+    if device != 'gpu' or not gradients:
         return MPIParallel(chainermn, chainermn.create_communicator(
             'naive', MPI.COMM_WORLD))
-    import cupy
-    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
-    cupy.cuda.Device(node.rank % cupy.cuda.runtime.getDeviceCount()).use()
-    node.Free()
     try:
         from cupy.cuda import nccl
         nccl.get_version()
@@ -198,12 +202,12 @@ def check_same_arguments(parallel, arguments):
             'rank 0): start every rank with the same command')
 
 
-def start(mpi, device, arguments):
+def start(mpi, device, arguments, gradients=False):
     """The ranks a command runs with: :data:`SINGLE` unless ``mpi``, else
-    :func:`connect` ``(device)`` after :func:`check_same_arguments`
-    ``(arguments)``."""
+    :func:`connect` ``(device, gradients)`` after
+    :func:`check_same_arguments` ``(arguments)``."""
     if not mpi:
         return SINGLE
-    parallel = connect(device)
+    parallel = connect(device, gradients)
     check_same_arguments(parallel, arguments)
     return parallel
