@@ -474,6 +474,8 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
                 **dataclasses.asdict(net), **dataclasses.asdict(training),
                 **normalizer_class(normalize).extra_settings(normalization),
                 'device': device}
+    if parallel.size > 1:     # N ranks x --batch: another fit than 1 x batch
+        settings['mpi_ranks'] = parallel.size
     folder = scaleout.gather_errors(parallel, lambda: gradnet.FitFolder(
         out, settings, overwrite) if parallel.is_root else None)
     done = parallel.bcast(folder and folder.done)
