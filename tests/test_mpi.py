@@ -193,8 +193,11 @@ def test_two_ranks_of_batch_b_fit_as_one_process_of_batch_2b(stores,
         scale = max(1.0, float(np.abs(one[name]).max()))
         np.testing.assert_allclose(two[name], one[name], rtol=0,
                                    atol=1000 * eps * scale, err_msg=name)
-    history = [json.loads((tmp_path / f / 'gradnet.json').read_text())[
-        'history'] for f in ('one', 'two')]
+    infos = [json.loads((tmp_path / f / 'gradnet.json').read_text())
+             for f in ('one', 'two')]
+    assert infos[1]['settings']['mpi_ranks'] == 2
+    assert 'mpi_ranks' not in infos[0]['settings']
+    history = [info['history'] for info in infos]
     assert [h['iteration'] for h in history[1]] == \
         [h['iteration'] for h in history[0]] == [5, 10, 15]
     for a, b in zip(*history):
