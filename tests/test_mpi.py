@@ -238,3 +238,14 @@ def test_mpi_without_mpi4py_is_one_line(command, stores, tmp_path,
     assert 'mpi4py is not installed' in result.output
     assert 'pip install "gradnet-cupy[mpi]"' in result.output
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('extra', [['--shard', '0/2'],
+                                   ['--normalize', 'metric']])
+def test_extract_mpi_refuses_shard_and_metric(extra, stores, tmp_path):
+    result = CliRunner().invoke(main, [str(a) for a in [
+        'extract', '--model', stores[0], '--out', tmp_path / 's.h5',
+        '--device', 'cpu', '--mpi', *extra]])
+    assert result.exit_code == 1
+    assert result.output.count('\n') == 1 and '--mpi' in result.output
+    assert os.listdir(tmp_path) == []
