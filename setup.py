@@ -35,12 +35,18 @@ setup(
     ],
     extras_require={
         'gpu': ['cupy-cuda12x'],
+        # --mpi (docs/scaling.rst): mpi4py and an MPI library from PyPI (the
+        # MPICH wheel: no system packages, runs as root); ChainerMN ships in
+        # chainer. With --device gpu also nvidia-nccl-cu12 (NCCL for CuPy).
+        'mpi': ['mpi4py>=4', 'mpich'],
         # cupy-cuda12x + the NVRTC wheel: tests/test_nvrtc_compile.py
         # compiles kernels/*.cu through CuPy's own NVRTC binding (no GPU or
         # driver needed); the cuBLAS wheel lets Chainer's CUDA backend import
         # (tests/test_chainer_cupy.py). See docs/kernels.rst, test tiers.
         'test': ['pytest', 'hypothesis', 'anndata', 'cupy-cuda12x',
-                 'nvidia-cuda-nvrtc-cu12', 'nvidia-cublas-cu12'],
+                 'nvidia-cuda-nvrtc-cu12', 'nvidia-cublas-cu12',
+                 # tests/test_mpi.py: mpiexec -n 2 on the CPU
+                 'mpi4py>=4', 'mpich'],
     },
     entry_points={'console_scripts': ['gradnet-cupy = gradnet_cupy.cli:main']},
 )

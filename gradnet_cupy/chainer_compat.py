@@ -29,6 +29,10 @@ CuPy has no cuDNN module.
 Every other module of gradnet_cupy imports Chainer from here::
 
     from gradnet_cupy.chainer_compat import chainer, F, L
+
+ChainerMN (``chainermn``, shipped inside the chainer 7.8.1 distribution)
+too, but only on demand: :func:`import_chainermn` (``--mpi``; it needs
+``mpi4py``, which the ``mpi`` extra installs).
 """
 import importlib.util
 import sys
@@ -124,4 +128,16 @@ with warnings.catch_warnings():
     import chainer.functions as F
     import chainer.links as L
 
-__all__ = ['chainer', 'F', 'L']
+
+
+def import_chainermn():
+    """The ``chainermn`` module (imported after the shims above, with the
+    same start-up warnings quieted). Its communicators import ``mpi4py``
+    when created; the caller checks that it is installed."""
+    with warnings.catch_warnings():
+        _quiet_cupy_warnings()
+        import chainermn
+    return chainermn
+
+
+__all__ = ['chainer', 'F', 'L', 'import_chainermn']

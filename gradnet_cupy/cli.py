@@ -22,7 +22,7 @@ import tempfile
 import click
 import numpy as np
 
-from gradnet_cupy import __version__, gradnet
+from gradnet_cupy import __version__, gradnet, scaleout
 from gradnet_cupy.backend import DEVICES, resolve_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
@@ -43,6 +43,16 @@ from gradnet_cupy.tangent import CANDIDATE_MODES, parameter_layout
 from gradnet_cupy.train_base import (
     BASE_OPTIMIZERS, load_base, load_snapshot, train_base)
 
+
+MPI_HELP = {
+    'extract': 'Run as one of the ranks of `mpiexec -n N`: rank r extracts '
+               'shard r/N (on its node\'s GPU r with --device gpu), rank 0 '
+               'merges them into --out. Needs pip install '
+               '"gradnet-cupy[mpi]".',
+    'fit': 'Run as one of the ranks of `mpiexec -n N`: data-parallel '
+           'training (ChainerMN), each rank takes --batch rows of every '
+           'global batch of N x --batch; rank 0 writes --out. Needs pip '
+           'install "gradnet-cupy[mpi]".'}
 
 # tangent's CANDIDATE_MODES in the order --candidates has always listed them
 CANDIDATE_CHOICES = sorted(CANDIDATE_MODES,
@@ -295,15 +305,22 @@ def online_test_source(snapshot, arch, dataset, data_dir, subset, device):
 @click.option('--binarize', 'threshold', type=float, default=None,
               help='With --arch rbm: visible unit = 1 where the image value '
                    'exceeds this.')
+@click.option('--mpi', is_flag=True, help=MPI_HELP['extract'])
 @common_options
 def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
             out, shard, batch, compression, normalize, metric_partition,
-            metric_max_block, objective, threshold, device, seed, as_json):
+            metric_max_block, objective, threshold, mpi, device, seed,
+            as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
     complete batch ended; a store of a different extraction is refused.
     """
+    if mpi and (shard is not None or normalize != 'none'):
+        raise GradnetError('--mpi picks the shard of each rank itself and '
+                           'accumulates no metric: drop --shard and '
+                           '--normalize metric')
+    parallel = scaleout.start(mpi, device, click.get_current_context().params)
     options = NormalizeOptions(normalize, metric=MetricOptions(
         metric_partition, metric_max_block))
     data = load_dataset(dataset, data_dir, subset)
@@ -318,12 +335,19 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
         layout, options, device)
     provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
                                   subset)
-    summary = extract_to_store(
-        model, layout, getattr(data, split), data.n_classes, out, provenance,
-        candidates=candidates, q=q, shard=parse_shard(shard), seed=seed,
-        device=device, transform=transform, batch=batch,
-        progress=not as_json, compression=compression, metric=metric,
-        objective=OBJECTIVES[objective], features_map=features_map)
+
+    def run(path, shard):
+        return extract_to_store(
+            model, layout, getattr(data, split), data.n_classes, path,
+            provenance, candidates=candidates, q=q, shard=shard, seed=seed,
+            device=device, transform=transform, batch=batch,
+            progress=not as_json and parallel.is_root,
+            compression=compression, metric=metric,
+            objective=OBJECTIVES[objective], features_map=features_map)
+    summary = scaleout.extract_ranks(parallel, out, run) if mpi else \
+        run(out, parse_shard(shard))
+    if not parallel.is_root:
+        return
     report(as_json, summary,
            f"{summary['rows']} rows x {summary['n_columns']} columns, "
            f"density {summary['density']:.4f}, in {summary['path']}"
@@ -418,19 +442,25 @@ def parse_hidden(text):
 @click.option('--overwrite', is_flag=True,
               help='Start anew, replacing a fit in --out (or an interrupted '
                    'one in <out>.partial) made with other arguments.')
+@click.option('--mpi', is_flag=True, help=MPI_HELP['fit'])
 @common_options
 def fit(train_path, test_path, online, online_test, snapshot, arch, q,
         dataset, data_dir,
         subset, normalize, power, metric_partition, metric_max_block,
         metric_damping, hidden, hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
-        eval_every, out, overwrite, device, seed, as_json):
+        eval_every, out, overwrite, mpi, device, seed, as_json):
     """Train GradNet on tangent features and evaluate it (all candidates).
 
     A fit killed midway resumes from its last completed epoch when the same
     command is run again (bit for bit the weights of an uninterrupted run);
     a rerun of a finished fit only prints its summary.
     """
+    if mpi and (online or online_test):
+        raise GradnetError('--mpi trains and tests on stores: drop '
+                           f"--{'online' if online else 'online-test'}")
+    parallel = scaleout.start(mpi, device, click.get_current_context().params,
+                              gradients=True)
     net = NetOptions(parse_hidden(hidden), hidden_total, wiring, dropout,
                      batchnorm, seed)
     training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,
@@ -468,9 +498,13 @@ def fit(train_path, test_path, online, online_test, snapshot, arch, q,
                 **dataclasses.asdict(net), **dataclasses.asdict(training),
                 **normalizer_class(normalize).extra_settings(normalization),
                 'device': device}
-    folder = gradnet.FitFolder(out, settings, overwrite)
-    if folder.done is not None:
-        summary = folder.done['summary']
+    if parallel.size > 1:     # N ranks x --batch: another fit than 1 x batch
+        settings['mpi_ranks'] = parallel.size
+    folder = scaleout.gather_errors(parallel, lambda: gradnet.FitFolder(
+        out, settings, overwrite) if parallel.is_root else None)
+    done = parallel.bcast(folder and folder.done)
+    if done is not None:
+        summary = done['summary']
     else:
         if online:
             model, normalizer, history = gradnet.fit_online(
@@ -479,8 +513,13 @@ def fit(train_path, test_path, online, online_test, snapshot, arch, q,
         else:
             model, normalizer, history = gradnet.fit_stores(
                 train_path, test_path, normalization, net, training, device,
-                progress=not as_json, folder=folder, online_test=test)
+                progress=not as_json and parallel.is_root, folder=folder,
+                online_test=test, parallel=parallel)
+        if not parallel.is_root:
+            return
         summary = gradnet.save_fit(folder, model, normalizer, history)
+    if not parallel.is_root:
+        return
     report(as_json, summary,
            f"GradNet test accuracy {summary['test_accuracy']:.4f} "
            f"(hidden {','.join(map(str, summary['hidden_sizes']))}); saved "

@@ -166,7 +166,8 @@ def get_link(model, path):
 
 
 def model_to_device(model, device):
-    """Move ``model`` to 'cpu' or 'gpu' (CuPy device 0) in place; return it.
+    """Move ``model`` to 'cpu' or 'gpu' (CuPy's current device: 0 unless a
+    caller chose another, as ``--mpi`` does per rank) in place; return it.
 
     Raises :class:`GradnetError` when Chainer cannot use CuPy (CuPy or one
     of the CUDA libraries it loads is missing).
@@ -176,7 +177,7 @@ def model_to_device(model, device):
         if not cuda.available:
             raise GradnetError('Chainer cannot use CuPy: '
                                f"{getattr(cuda, '_resolution_error', None)}")
-        model.to_device('@cupy:0')
+        model.to_device(f'@cupy:{cuda.cupy.cuda.Device().id}')
     else:
         model.to_cpu()
     return model

@@ -60,6 +60,23 @@ def load_gradnet(folder, device='cpu'):
     return model, normalizer, info
 
 
+def state_arrays(model, optimizer):
+    """``model``'s and ``optimizer``'s arrays as one dict of host arrays
+    (keys ``model/...``, ``optimizer/...``)."""
+    target = chainer.serializers.DictionarySerializer()
+    target['model'].save(model)
+    target['optimizer'].save(optimizer)
+    return target.target
+
+
+def load_state_arrays(arrays, model, optimizer):
+    """Restore ``model`` and ``optimizer`` from :func:`state_arrays`
+    (a dict or an open npz)."""
+    chainer.serializers.NpzDeserializer(arrays, path='model/').load(model)
+    chainer.serializers.NpzDeserializer(arrays, path='optimizer/').load(
+        optimizer)
+
+
 def _settings_differ(found, expected):
     keys = sorted(set(found) | set(expected))
     return ', '.join(f'{k}: {found.get(k)!r} (now {expected.get(k)!r})'
@@ -128,11 +145,8 @@ class FitFolder:
         """After an epoch: ``model``'s and ``optimizer``'s arrays, NumPy's
         global random state and the loop ``state`` (JSON-able: epoch,
         iteration, history, pending losses) in one atomic file."""
-        target = chainer.serializers.DictionarySerializer()
-        target['model'].save(model)
-        target['optimizer'].save(optimizer)
         kind, keys, pos, gauss, cached = np.random.get_state()
-        arrays = dict(target.target, rng_keys=keys,
+        arrays = dict(state_arrays(model, optimizer), rng_keys=keys,
                       rng=np.array([pos, gauss, cached], dtype=np.float64),
                       state=np.frombuffer(json.dumps(state).encode(),
                                           np.uint8))
@@ -147,10 +161,7 @@ class FitFolder:
         if not os.path.exists(path):
             return None
         with np.load(path) as npz:
-            chainer.serializers.NpzDeserializer(npz, path='model/').load(
-                model)
-            chainer.serializers.NpzDeserializer(
-                npz, path='optimizer/').load(optimizer)
+            load_state_arrays(npz, model, optimizer)
             pos, gauss, cached = npz['rng']
             np.random.set_state(('MT19937', npz['rng_keys'], int(pos),
                                  int(gauss), float(cached)))

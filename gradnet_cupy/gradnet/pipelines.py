@@ -25,11 +25,14 @@ from gradnet_cupy.gradnet.sources import (
 from gradnet_cupy.gradnet.training import make_optimizer, train
 from gradnet_cupy.models import model_to_device
 from gradnet_cupy.normalize import fit_normalizer
+from gradnet_cupy.scaleout.parallel import SINGLE
+from gradnet_cupy.scaleout.training import (rank_batches, rank_evaluator,
+                                            share_state)
 from gradnet_cupy.store import TangentStore
 
 
 def fit_stores(train_path, test_path, normalize, net, training, device,
-               progress, folder=None, online_test=None):
+               progress, folder=None, online_test=None, parallel=SINGLE):
     """GradNet trained on a training store, evaluated on a test store:
     ``(model, normalizer, history)``.
 
@@ -41,9 +44,11 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
     come from the same snapshot and layout and hold all candidates
     (:func:`~.sources.check_test_store`). ``online_test``: an
     :class:`~.sources.OnlineTest` of the same snapshot, to extract the test
-    split on the fly instead (``test_path`` is then not read). ``folder``:
-    a :class:`~.persist.FitFolder` to checkpoint every epoch into and
-    resume from (None: no checkpoints).
+    split on the fly instead (``test_path`` is then not read; single
+    process only). ``folder``: a :class:`~.persist.FitFolder` to
+    checkpoint every epoch into and resume from (None: no checkpoints).
+    ``parallel``: the ranks of a data-parallel fit
+    (:mod:`gradnet_cupy.scaleout.training`; ``folder`` only on rank 0).
     """
     with contextlib.ExitStack() as stack:
         train_store = stack.enter_context(TangentStore.open(train_path))
@@ -57,15 +62,21 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
         normalizer = fit_normalizer(features, normalize)
         model = build_gradnet(features.layout.block_sizes,
                               store_classes(train_store), net)
-        evaluator = store_evaluator(model, test_store, normalizer, device) \
-            if online_test is None else online_evaluator(
-                model, online_test.base, online_test.layout,
-                online_test.data, identity['q'], normalizer, device)
-        history = _train(
-            model, device, training,
-            store_batches(train_store, normalizer, training.batch,
-                          training.seed, device),
-            evaluator, progress, folder)
+        if parallel.size == 1:
+            batches = store_batches(train_store, normalizer, training.batch,
+                                    training.seed, device)
+            evaluator = store_evaluator(
+                model, test_store, normalizer, device) \
+                if online_test is None else online_evaluator(
+                    model, online_test.base, online_test.layout,
+                    online_test.data, identity['q'], normalizer, device)
+        else:
+            batches = rank_batches(train_store, normalizer, training.batch,
+                                   training.seed, device, parallel)
+            evaluator = rank_evaluator(model, test_store, normalizer, device,
+                                       parallel)
+        history = _train(model, device, training, batches, evaluator,
+                         progress, folder, parallel)
     return model, normalizer, history
 
 
@@ -90,25 +101,34 @@ def fit_online(base, layout, data, q, normalize, net, training, device,
 
 
 def _train(model, device, training, epoch_batches, evaluate_test, progress,
-           folder):
+           folder, parallel=SINGLE):
     """The training loop, checkpointed into ``folder`` after every epoch and
     resumed from its last checkpoint (bit for bit: the batches of an epoch
-    depend only on the seed and the epoch)."""
+    depend only on the seed and the epoch). Data-parallel: rank 0 (the one
+    with a ``folder``) resumes and shares its state with the others."""
     model_to_device(model, device)
-    optimizer = make_optimizer(model, training.optimizer, training.lr,
-                               training.momentum, training.weight_decay)
+    optimizer = parallel.optimizer(make_optimizer(
+        model, training.optimizer, training.lr, training.momentum,
+        training.weight_decay))
     # Chainer draws dropout masks on the CPU from NumPy's global generator:
     # seeded, so that a fit is repeatable (a checkpoint restores its state)
     np.random.seed(training.seed)
-    if folder is None:
-        return train(model, optimizer, training.epochs, epoch_batches,
-                     evaluate_test, training.eval_every, progress)
-    folder.start()
+    start = after_epoch = None
+    if folder is not None:
+        folder.start()
+        start = folder.load_checkpoint(model, optimizer)
+        after_epoch = lambda state: folder.save_checkpoint(  # noqa: E731
+            model, optimizer, state)
+    if parallel.size > 1:
+        start = parallel.bcast(start)
+        if start is not None:    # a fresh start: the same weights already
+            share_state(parallel, model, optimizer)
+        # each rank its own dropout masks (not restored by a resume)
+        np.random.seed([training.seed, parallel.rank,
+                        start['epoch'] if start else 0])
     return train(model, optimizer, training.epochs, epoch_batches,
-                 evaluate_test, training.eval_every, progress,
-                 start=folder.load_checkpoint(model, optimizer),
-                 after_epoch=lambda state: folder.save_checkpoint(
-                     model, optimizer, state))
+                 evaluate_test, training.eval_every, progress, start=start,
+                 after_epoch=after_epoch, parallel=parallel)
 
 
 def save_fit(folder, model, normalizer, history):

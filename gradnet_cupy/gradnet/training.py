@@ -15,6 +15,7 @@ from gradnet_cupy.chainer_compat import chainer, F
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.gradnet.model import (candidate_outputs,
                                         predict_from_candidates)
+from gradnet_cupy.scaleout.parallel import SINGLE
 
 GRADNET_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 
@@ -44,11 +45,18 @@ def make_optimizer(model, name='sgd', lr=0.01, momentum=0.9,
     return optimizer
 
 
-def train_step(model, optimizer, csr, target):
+def train_step(model, optimizer, csr, target, weight=None):
     """One update on a CSR batch with true-label cross-entropy; returns the
-    batch loss (float). ``target``: (rows,) int32 in the batch's module."""
+    batch loss (float). ``target``: (rows,) int32 in the batch's module.
+    ``weight``: None (the loss is the mean over the rows) or float32
+    (rows,) per-row weights of the summed loss (a data-parallel rank's
+    share of a global batch, :mod:`gradnet_cupy.scaleout.training`)."""
     with chainer.using_config('train', True):
-        loss = F.softmax_cross_entropy(model(csr), target)
+        if weight is None:
+            loss = F.softmax_cross_entropy(model(csr), target)
+        else:
+            loss = F.sum(weight * F.softmax_cross_entropy(
+                model(csr), target, reduce='no'))
     model.cleargrads()
     loss.backward()
     optimizer.update()
@@ -79,7 +87,8 @@ def evaluate_candidates(model, batches, normalizer=None):
 
 
 def train(model, optimizer, epochs, epoch_batches, evaluate_test,
-          eval_every=None, progress=True, start=None, after_epoch=None):
+          eval_every=None, progress=True, start=None, after_epoch=None,
+          parallel=SINGLE):
     """The GradNet training loop.
 
     ``epoch_batches(epoch)`` yields ``(csr, target)`` training batches
@@ -92,6 +101,10 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
     ``after_epoch(state)``, when given, is called after every epoch with
     the loop's state (JSON-able: ``epoch``, ``iteration``, ``history``,
     ``losses``); ``start``, such a state, goes on after its epoch.
+    Data-parallel (``parallel``: the ranks, a
+    :class:`~gradnet_cupy.scaleout.Parallel`): batches may carry a third
+    item, the per-row loss weights of :func:`train_step`, and each batch
+    loss recorded is the mean over the ranks.
     """
     start = start or {'epoch': 0, 'iteration': 0, 'history': [],
                       'losses': []}
@@ -111,11 +124,12 @@ def train(model, optimizer, epochs, epoch_batches, evaluate_test,
                        file=sys.stderr)
 
     for epoch in range(start['epoch'] + 1, epochs + 1):
-        for csr, target in tqdm(epoch_batches(epoch),
-                                disable=None if progress else True,
-                                desc=f'epoch {epoch}', unit='batch',
-                                leave=False):
-            losses.append(train_step(model, optimizer, csr, target))
+        for csr, target, *weight in tqdm(epoch_batches(epoch),
+                                         disable=None if progress else True,
+                                         desc=f'epoch {epoch}', unit='batch',
+                                         leave=False):
+            losses.append(parallel.mean(
+                train_step(model, optimizer, csr, target, *weight)))
             iteration += 1
             if eval_every and iteration % eval_every == 0:
                 record(epoch)
