@@ -30,6 +30,7 @@ from gradnet_cupy.tangent import (
     CANDIDATE_MODES, CROSS_ENTROPY, ChainerSource, TangentSource)
 from gradnet_cupy.tangent.engine import SUB_BATCH
 
+FRAMEWORKS = ('chainer', 'torch')
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
 
@@ -76,13 +77,13 @@ def candidate_plan(mode, labels, n_classes, seed):
 
 def as_source(model, layout, objective=CROSS_ENTROPY):
     """``model`` as a :class:`~gradnet_cupy.tangent.TangentSource`: a source
-    is returned as it is (its own layout and objective must be ``layout``
-    and ``objective``), a Chainer model is wrapped in a
+    is returned as it is (its own layout and objective, by name, must be
+    ``layout`` and ``objective``), a Chainer model is wrapped in a
     :class:`~gradnet_cupy.tangent.ChainerSource` of ``layout`` and
     ``objective``."""
     if not isinstance(model, TangentSource):
         return ChainerSource(model, layout, objective)
-    if model.layout != layout or model.objective is not objective:
+    if model.layout != layout or model.objective.name != objective.name:
         raise GradnetError(
             f'the {model.framework} source has its own layout and objective '
             f'({model.objective.name}); pass source.layout and '
@@ -230,3 +231,23 @@ def model_provenance(snapshot_path, arch, dataset, split, data_dir=None,
             'model_sha256': file_sha256(snapshot_path), 'arch': arch,
             'dataset': dataset, 'data_dir': data_dir, 'split': split,
             'subset': subset}
+
+
+def torch_extraction(factory, weights, device, dataset, split, data_dir=None,
+                     subset=None):
+    """``(source, provenance)`` of ``extract --framework torch``: a
+    :class:`~gradnet_cupy.tangent.TorchSource` of the module of ``factory``
+    (``'path/model.py:name'``) with the state dict ``weights`` on
+    ``device``, and the provenance keys of :func:`model_provenance` (the
+    weights as the snapshot, ``arch`` ``'torch:<name>'``) plus the factory
+    file's checksum and the torch version (they decide the bits too)."""
+    from gradnet_cupy.tangent.torch_source import (
+        TorchSource, import_torch, load_module)
+    source = TorchSource(load_module(factory, weights, device))
+    path, _, name = factory.rpartition(':')
+    provenance = dict(
+        model_provenance(weights, f'torch:{name}', dataset, split, data_dir,
+                         subset),
+        model_factory=factory, model_factory_sha256=file_sha256(path),
+        torch_version=import_torch().__version__)
+    return source, provenance
