@@ -246,6 +246,10 @@ def activations():
 
 def not_a_module():
     return 'small'
+
+
+def fails():
+    raise ValueError('no such width')
 '''
 
 
@@ -312,6 +316,7 @@ def test_cli_round_trip_into_a_store(model_files, tmp_path):
                        '1.weight'),
     ('with_batchnorm', 'bn.pt', "training mode and has BatchNorm2d '/1'"),
     ('absent', 'small.pt', 'has no callable'),
+    ('fails', 'small.pt', 'fails() raised ValueError: no such width'),
 ])
 def test_cli_bad_torch_models_are_one_line_errors(model_files, tmp_path,
                                                   factory, weights, message):

@@ -319,9 +319,9 @@ def load_module(factory, weights, device='cpu'):
     the factory returns it in (TorchSource refuses training-mode BatchNorm).
 
     GradnetError (one line) for a malformed spec, a file that does not
-    import, a missing factory, a result that is not a Module, a weights
-    file that is not a state dict, or a state dict that does not match the
-    module (missing / unexpected keys, shapes).
+    import, a missing or failing factory, a result that is not a Module, a
+    weights file that is not a state dict, or a state dict that does not
+    match the module (missing / unexpected keys, shapes).
     """
     torch = import_torch()
     path, _, name = str(factory).rpartition(':')
@@ -337,10 +337,17 @@ def load_module(factory, weights, device='cpu'):
         spec.loader.exec_module(code)
     except FileNotFoundError:
         raise GradnetError(f'{path}: no such file') from None
+    except Exception as error:      # the user's code: name it, one line
+        raise GradnetError(f'{path} fails to import: '
+                           f'{type(error).__name__}: {error}') from None
     build = getattr(code, name, None)
     if not callable(build):
         raise GradnetError(f'{path} has no callable {name!r}')
-    module = build()
+    try:
+        module = build()
+    except Exception as error:
+        raise GradnetError(f'{factory}() raised {type(error).__name__}: '
+                           f'{error}') from None
     if not isinstance(module, torch.nn.Module):
         raise GradnetError(f'{factory} returned a {type(module).__name__}, '
                            'not a torch.nn.Module')
