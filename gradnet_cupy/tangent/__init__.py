@@ -94,8 +94,8 @@ __all__ = [
     'BatchNormalizationRule', 'Call', 'Convolution2DRule',
     'Deconvolution2DRule', 'EmbedIDRule', 'LinearRule', 'Rule',
     'register_rule', 'rule_for',
-    'TangentSource', 'ChainerSource', 'TorchSource',
-]
+    'TangentSource', 'ChainerSource',
+]   # TorchSource is not in __all__: a star import must not need torch
 
 
 def __getattr__(name):
