@@ -320,8 +320,9 @@ def load_module(factory, weights, device='cpu'):
 
     GradnetError (one line) for a malformed spec, a file that does not
     import, a missing or failing factory, a result that is not a Module, a
-    weights file that is not a state dict, or a state dict that does not
-    match the module (missing / unexpected keys, shapes).
+    weights file that is not a state dict, a state dict that does not match
+    the module (missing / unexpected keys, shapes), or 'gpu' with a torch
+    that sees no CUDA device.
     """
     torch = import_torch()
     path, _, name = str(factory).rpartition(':')
@@ -360,6 +361,9 @@ def load_module(factory, weights, device='cpu'):
                            f'({type(error).__name__})') from None
     _check_state(module, state, weights)
     module.load_state_dict(state)
+    if device == 'gpu' and not torch.cuda.is_available():
+        raise GradnetError(f'--device gpu: torch {torch.__version__} sees no '
+                           'CUDA device (a CPU build?); use --device cpu')
     return module.to('cuda' if device == 'gpu' else 'cpu')
 
 
