@@ -43,10 +43,14 @@ setup(
         # compiles kernels/*.cu through CuPy's own NVRTC binding (no GPU or
         # driver needed); the cuBLAS wheel lets Chainer's CUDA backend import
         # (tests/test_chainer_cupy.py). See docs/kernels.rst, test tiers.
+        # PyTorch models as a tangent source (docs/torch.rst); pinned: an
+        # unpinned torch may pull a multi-GB CUDA build
+        'torch': ['torch==2.13.0'],
         'test': ['pytest', 'hypothesis', 'anndata', 'cupy-cuda12x',
                  'nvidia-cuda-nvrtc-cu12', 'nvidia-cublas-cu12',
                  # tests/test_mpi.py: mpiexec -n 2 on the CPU
-                 'mpi4py>=4', 'mpich'],
+                 'mpi4py>=4', 'mpich',
+                 'torch==2.13.0'],
     },
     entry_points={'console_scripts': ['gradnet-cupy = gradnet_cupy.cli:main']},
 )

@@ -14,8 +14,12 @@ candidates, so 1280 rows of one sample and one candidate each), in one run:
   float32 GEMM rate of NumPy/CuPy on the same machine;
 * the bytes of features written per second next to a plain memory-copy rate
   (into already-touched memory and into fresh memory);
-* where torch imports, torch.func ``vmap(grad)`` on the same architecture
-  and weights (checked to agree with the batched rows);
+* on the CPU, where torch imports, the same network written in
+  ``torch.nn`` with the weights copied across: the torch tangent source
+  (``gradnet_cupy.tangent.TorchSource``, torch.func) against a per-sample
+  PyTorch loop (one sample, one backward per row) and against the Chainer
+  engine's batched path timed above, rows/s and rows per CPU-second, and
+  the agreement of both with the engine's rows;
 * on the CPU also per CPU-second (``time.process_time``, all threads of the
   process): the batched path (default threads) against the loop
   (single-threaded BLAS) and the GEMM with single-threaded BLAS. On a
@@ -29,10 +33,11 @@ binary samples, one row each (the free-energy objective, columns W, c, b):
 rows/s of the batched engine against a per-sample autograd loop of the
 same gradients, in the same run.
 
-Writes bench/results/tangent-<device>.json. Runs unchanged on a GPU (CuPy).
+Writes bench/results/tangent-<device>.json (or ``--out``). Runs unchanged
+on a GPU (CuPy; the torch rows are CPU only).
 
     python bench/bench_tangent.py [--device auto|cpu|gpu] [--loop-rows 64]
-        [--models cnn,mlp,rbm16,rbm64]
+        [--models cnn,mlp,rbm16,rbm64] [--out PATH]
 
 The models are gradnet_cupy.models' ``cnn`` and ``mlp`` (seed 0).
 """
@@ -133,53 +138,104 @@ def loop_rows(model, layout, x, rows, xp):
     return out
 
 
-def torch_rows(kind, model, x, layout):
-    """torch.func vmap(grad) of the same network and weights over the
-    N*C (sample, candidate) rows; returns (fn, rows) or None."""
+def torch_twin(kind, model):
+    """The Chainer ``cnn``/``mlp`` written as ``torch.nn`` modules with its
+    weights and biases copied across (eval mode), or None without torch.
+    Chainer's max pooling covers the whole input: ``ceil_mode=True``."""
     try:
         import torch
-        from torch.func import grad, vmap
     except ImportError:
         return None
-    t = torch.nn.functional
-    by_path = dict(model.namedlinks())
-    weights = {f'{e.path}/{e.name}': torch.from_numpy(
-        backend.to_numpy(getattr(by_path[e.path], e.name).array))
-        for e in layout.entries}
-    biases = {f'{e.path}/b': torch.from_numpy(
-        backend.to_numpy(by_path[e.path].b.array)) for e in layout.entries}
+    nn = torch.nn
+
+    def copy(module, link):
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(backend.to_numpy(
+                link.W.array)))
+            module.bias.copy_(torch.from_numpy(backend.to_numpy(
+                link.b.array)))
+        return module
 
     if kind == 'cnn':
-        def net(w, xi):
-            h = t.conv2d(xi, w['/conv1/W'], biases['/conv1/b'], padding=1)
-            h = t.max_pool2d(t.relu(h), 2, ceil_mode=True)
-            h = t.conv2d(h, w['/conv2/W'], biases['/conv2/b'], padding=2)
-            h = t.max_pool2d(t.relu(h), 2, ceil_mode=True)
-            return t.linear(h.flatten(1), w['/fc/W'], biases['/fc/b'])
+        c1, c2, fc = model.conv1, model.conv2, model.fc
+        layers = [
+            copy(nn.Conv2d(c1.in_channels, c1.out_channels, c1.ksize,
+                           padding=c1.pad), c1),
+            nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+            copy(nn.Conv2d(c2.in_channels, c2.out_channels, c2.ksize,
+                           padding=c2.pad), c2),
+            nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(),
+            copy(nn.Linear(fc.in_size, fc.out_size), fc)]
     else:
-        paths = [e.path for e in layout.entries]
+        layers = [nn.Flatten()]
+        for name in model.layer_names:
+            link = model[name]
+            layers += [copy(nn.Linear(link.in_size, link.out_size), link),
+                       nn.ReLU()]
+        layers.pop()
+    return nn.Sequential(*layers).eval()
 
-        def net(w, xi):
-            h = xi.flatten(1)
-            for k, p in enumerate(paths):
-                h = t.linear(h, w[f'{p}/W'], biases[f'{p}/b'])
-                if k < len(paths) - 1:
-                    h = t.relu(h)
-            return h
 
-    def loss(w, xi, ci):
-        return t.cross_entropy(net(w, xi[None]), ci[None])
+def torch_loop_rows(net, names, x, rows):
+    """Per-sample autograd loop in PyTorch over ``rows`` (sample,
+    candidate) pairs: zero_grad, forward of the one sample, cross-entropy,
+    backward, copy of the selected grads into a (rows, n_params) array."""
+    import torch
+    params = dict(net.named_parameters())
+    selected = [params[n] for n in names]
+    out = torch.empty((len(rows), sum(p.numel() for p in selected)))
+    xt = torch.from_numpy(x)
+    for r, (i, c) in enumerate(rows):
+        net.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            net(xt[i:i + 1]), torch.tensor([c]))
+        loss.backward()
+        out[r] = torch.cat([p.grad.reshape(-1) for p in selected])
+    return out.numpy()
 
-    per_row = vmap(grad(loss), in_dims=(None, 0, 0))
-    xs = torch.from_numpy(backend.to_numpy(x)).repeat_interleave(
-        N_CLASSES, dim=0)
-    cs = torch.arange(N_CLASSES).repeat(len(x))
-    order = [f'{e.path}/{e.name}' for e in layout.entries]
 
-    def run():
-        g = per_row(weights, xs, cs)
-        return torch.cat([g[k].reshape(len(xs), -1) for k in order], dim=1)
-    return run, torch.__version__, torch.get_num_threads()
+def bench_torch(kind, model, x, batched, pairs, t_chainer, cpu_chainer,
+                repeats):
+    """The torch source (``TorchSource``, torch.func) on the same network
+    and weights against a per-sample PyTorch loop and the Chainer engine's
+    time ``t_chainer`` (and CPU seconds ``cpu_chainer``) in this run: rows/s
+    and agreement with the engine's rows ``batched``. CPU only; {} without
+    torch."""
+    net = torch_twin(kind, model)
+    if net is None:
+        return {}
+    import torch
+    from gradnet_cupy.tangent import TorchSource
+    source = TorchSource(net)
+    rows = len(batched)
+    n_loop = len(pairs)
+
+    def consume_chunks():
+        for chunk in source.iter_rows(x, candidates='all'):
+            pass
+
+    t_source = best_time(consume_chunks, np, repeats)
+    cpu_source = best_cpu_time(consume_chunks, repeats)
+    t_loop = best_time(lambda: torch_loop_rows(net, source.names, x, pairs),
+                       np, max(1, repeats // 2))
+    ours = source.rows(x, candidates='all').features
+    looped = torch_loop_rows(net, source.names, x, pairs)
+    scale = np.abs(batched).max()
+    return {
+        'torch_version': torch.__version__,
+        'torch_threads': torch.get_num_threads(),
+        'torch_source_rows_per_s': rows / t_source,
+        'torch_source_rows_per_cpu_s': rows / cpu_source,
+        'torch_loop_rows_timed': n_loop,
+        'torch_loop_rows_per_s': n_loop / t_loop,
+        'torch_source_over_torch_loop': (rows / t_source) / (n_loop / t_loop),
+        'chainer_over_torch_source': t_source / t_chainer,
+        'chainer_over_torch_source_per_cpu_s': cpu_source / cpu_chainer,
+        'torch_source_max_rel_err_vs_chainer': float(
+            np.abs(ours - batched).max() / scale),
+        'torch_loop_max_rel_err_vs_chainer': float(
+            np.abs(looped - batched[:n_loop]).max() / scale),
+    }
 
 
 def bench_model(kind, xp, batch, n_loop, repeats):
@@ -247,19 +303,8 @@ def bench_model(kind, xp, batch, n_loop, repeats):
             / (n_loop / cpu_loop),
             'batched_wgrad_flops_per_cpu_s': 2 * wgrad * rows / cpu_reuse,
         })
-        got = torch_rows(kind, model, x, layout)
-        if got is not None:
-            run, version, threads = got
-            t_torch = best_time(run, xp, max(1, repeats // 2))
-            ref = run().numpy()
-            result.update({
-                'torch_version': version,
-                'torch_threads': threads,
-                'torch_vmap_rows_per_s': rows / t_torch,
-                'batched_over_torch': t_torch / t_reuse,
-                'torch_max_rel_err': float(np.abs(batched - ref).max()
-                                           / np.abs(ref).max()),
-            })
+        result.update(bench_torch(kind, model, x, batched, pairs, t_reuse,
+                                  cpu_reuse, repeats))
     return result
 
 

@@ -121,7 +121,11 @@ def _quiet_cupy_warnings():
 with warnings.catch_warnings():
     # numpy.distutils (Python < 3.12) and pkg_resources warn that they are
     # deprecated when imported; Chainer's start-up check imports both.
+    # Recent setuptools (80.10.2, pulled in by torch 2.13's
+    # setuptools>=77.0.3) warns with a UserWarning instead.
     warnings.simplefilter('ignore', DeprecationWarning)
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated',
+                            category=UserWarning)
     _install_shims()
     _quiet_cupy_warnings()
     import chainer

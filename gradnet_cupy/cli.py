@@ -21,13 +21,15 @@ import tempfile
 
 import click
 import numpy as np
+from click.core import ParameterSource
 
 from gradnet_cupy import __version__, gradnet, scaleout
 from gradnet_cupy.backend import DEVICES, resolve_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.extract import (
-    SPLITS, extract_to_store, model_provenance, parse_shard)
+    FRAMEWORKS, SPLITS, extract_to_store, model_provenance, parse_shard,
+    torch_extraction)
 from gradnet_cupy.models import MODELS, build_model, model_to_device
 from gradnet_cupy.metric import (DEFAULT_MAX_BLOCK, DEFAULT_PARTITION,
                                  PARTITIONS)
@@ -193,15 +195,35 @@ metric_block_options = option_group(
                  default=DEFAULT_MAX_BLOCK, show_default=True,
                  help='Cut longer metric blocks into pieces (0: no cap).'))
 
-base_model_options = option_group(
-    click.option('--model', 'snapshot', required=True,
-                 type=click.Path(exists=True, dir_okay=False),
-                 help='Base network snapshot (train-base writes them).'),
-    click.option('--arch', type=click.Choice(list(MODELS) + ['rbm']),
-                 default='cnn', show_default=True,
-                 help='Architecture of the snapshot (rbm: train-rbm).'),
-    click.option('--q', type=PERCENTILE, default=85.0, show_default=True,
-                 help='Per-layer sparsification percentile, in (0, 100).'))
+class ModelSpec(click.Path):
+    """An existing file, or ``path:factory`` whose path is an existing file
+    (``extract --framework torch``)."""
+
+    def __init__(self):
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        path, colon, name = str(value).rpartition(':')
+        if colon and name.isidentifier() and not os.path.exists(value):
+            return f'{super().convert(path, param, ctx)}:{name}'
+        return super().convert(value, param, ctx)
+
+
+def base_model_options(command, model_type=click.Path(exists=True,
+                                                      dir_okay=False),
+                       model_help='Base network snapshot (train-base writes '
+                                  'them).'):
+    """``--model`` (the snapshot), ``--arch`` and ``--q``."""
+    return option_group(
+        click.option('--model', 'snapshot', required=True, type=model_type,
+                     help=model_help),
+        click.option('--arch', type=click.Choice(list(MODELS) + ['rbm']),
+                     default='cnn', show_default=True,
+                     help='Architecture of the snapshot (rbm: train-rbm).'),
+        click.option('--q', type=PERCENTILE, default=85.0,
+                     show_default=True,
+                     help='Per-layer sparsification percentile, in (0, '
+                          '100).'))(command)
 
 
 @click.group(cls=Group)
@@ -267,7 +289,20 @@ def online_test_source(snapshot, arch, dataset, data_dir, subset, device):
 
 
 @main.command()
-@base_model_options
+@functools.partial(
+    base_model_options, model_type=ModelSpec(),
+    model_help='Base network snapshot (train-base writes them); with '
+               '--framework torch: path/to/model.py:factory, a function of '
+               'no arguments returning the torch.nn.Module.')
+@click.option('--framework', type=click.Choice(FRAMEWORKS),
+              default='chainer', show_default=True,
+              help='torch: a PyTorch model (--model path.py:factory, '
+                   '--weights state dict; pip install '
+                   '"gradnet-cupy[torch]"), docs/torch.rst.')
+@click.option('--weights', type=click.Path(exists=True, dir_okay=False),
+              default=None,
+              help='With --framework torch: the state dict file '
+                   '(torch.save(model.state_dict(), path)).')
 @dataset_options
 @click.option('--split', type=click.Choice(SPLITS), default='gradnet',
               show_default=True)
@@ -307,15 +342,16 @@ def online_test_source(snapshot, arch, dataset, data_dir, subset, device):
                    'exceeds this.')
 @click.option('--mpi', is_flag=True, help=MPI_HELP['extract'])
 @common_options
-def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
-            out, shard, batch, compression, normalize, metric_partition,
-            metric_max_block, objective, threshold, mpi, device, seed,
-            as_json):
+def extract(snapshot, arch, q, framework, weights, dataset, data_dir, subset,
+            split, candidates, out, shard, batch, compression, normalize,
+            metric_partition, metric_max_block, objective, threshold, mpi,
+            device, seed, as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
     complete batch ended; a store of a different extraction is refused.
     """
+    check_framework_options(framework, snapshot, weights, objective)
     if mpi and (shard is not None or normalize != 'none'):
         raise GradnetError('--mpi picks the shard of each rank itself and '
                            'accumulates no metric: drop --shard and '
@@ -325,16 +361,21 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
         metric_partition, metric_max_block))
     data = load_dataset(dataset, data_dir, subset)
     transform, features_map = data.eval_transform, None
-    if arch == 'rbm':
-        model, layout, transform, features_map = rbm_extraction(
-            snapshot, data, device, threshold, seed)
+    if framework == 'torch':
+        model, provenance = torch_extraction(
+            snapshot, weights, device, dataset, split, data_dir, subset)
+        layout = model.layout
     else:
-        model, layout = load_base_model(snapshot, arch, data, device)
-    check_objective_for(model, OBJECTIVES[objective])
+        if arch == 'rbm':
+            model, layout, transform, features_map = rbm_extraction(
+                snapshot, data, device, threshold, seed)
+        else:
+            model, layout = load_base_model(snapshot, arch, data, device)
+        check_objective_for(model, OBJECTIVES[objective])
+        provenance = model_provenance(snapshot, arch, dataset, split,
+                                      data_dir, subset)
     metric = normalizer_class(normalize).extraction_accumulator(
         layout, options, device)
-    provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
-                                  subset)
 
     def run(path, shard):
         return extract_to_store(
@@ -352,6 +393,27 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
            f"{summary['rows']} rows x {summary['n_columns']} columns, "
            f"density {summary['density']:.4f}, in {summary['path']}"
            + (f"; metric in {summary['metric']}" if metric else ''))
+
+
+def check_framework_options(framework, snapshot, weights, objective):
+    """UsageError for extract options that do not fit ``framework``."""
+    ctx = click.get_current_context()
+    if framework == 'chainer':
+        if weights is not None:
+            raise click.UsageError('--weights is for --framework torch')
+        if not os.path.isfile(snapshot):
+            raise click.UsageError(f'--model {snapshot!r}: path:factory is '
+                                   'for --framework torch')
+        return
+    if weights is None:
+        raise click.UsageError('--framework torch needs --weights (the '
+                               'state dict file)')
+    for name, option in (('arch', '--arch'), ('threshold', '--binarize')):
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            raise click.UsageError(f'{option} is for --framework chainer')
+    if objective != 'cross-entropy':
+        raise click.UsageError('--framework torch takes the cross-entropy '
+                               'objective only')
 
 
 @main.command()

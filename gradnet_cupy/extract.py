@@ -27,9 +27,10 @@ from gradnet_cupy.metric import save_store_metric
 from gradnet_cupy.store import (DEFAULT_COMPRESSION, StoreWriter, TangentStore,
                                 file_sha256)
 from gradnet_cupy.tangent import (
-    CANDIDATE_MODES, CROSS_ENTROPY, iter_tangent_features)
+    CANDIDATE_MODES, CROSS_ENTROPY, ChainerSource, TangentSource)
 from gradnet_cupy.tangent.engine import SUB_BATCH
 
+FRAMEWORKS = ('chainer', 'torch')
 METRIC_READ_BATCH = 256    # rows per read when a resumed run replays a store
 SPLITS = ('gradnet', 'test', 'base')
 
@@ -74,13 +75,32 @@ def candidate_plan(mode, labels, n_classes, seed):
                        f"{', '.join(CANDIDATE_MODES)}")
 
 
+def as_source(model, layout, objective=CROSS_ENTROPY):
+    """``model`` as a :class:`~gradnet_cupy.tangent.TangentSource`: a source
+    is returned as it is (its own layout and objective, by name, must be
+    ``layout`` and ``objective``), a Chainer model is wrapped in a
+    :class:`~gradnet_cupy.tangent.ChainerSource` of ``layout`` and
+    ``objective``."""
+    if not isinstance(model, TangentSource):
+        return ChainerSource(model, layout, objective)
+    if model.layout != layout or model.objective.name != objective.name:
+        raise GradnetError(
+            f'the {model.framework} source has its own layout and objective '
+            f'({model.objective.name}); pass source.layout and '
+            'source.objective with it')
+    return model
+
+
 def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
                          transform, batch=64, start=0, stop=None,
                          objective=CROSS_ENTROPY, features_map=None):
     """Sparse tangent features of samples ``start .. stop`` of ``x``.
 
     Args:
-        model: the base network (Chainer, float32) on ``device``.
+        model: the base network (Chainer, float32) on ``device``, or a
+            :class:`~gradnet_cupy.tangent.TangentSource` on ``device``
+            (e.g. a :class:`~gradnet_cupy.tangent.TorchSource`) with this
+            ``layout`` and ``objective``.
         x: (N, C, H, W) float32 host images; labels: (N,) int32.
         candidates: per-sample int32 labels (N,) or None for all classes
             (see :func:`candidate_plan`).
@@ -103,6 +123,7 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
     boundary reproduces the bits of one started earlier.
     """
     stop = len(x) if stop is None else stop
+    source = as_source(model, layout, objective)
     for first in range(start, stop, batch):
         last = min(first + batch, stop)
         xb = to_device(transform(x[first:last]), device)
@@ -112,8 +133,7 @@ def iter_sparse_tangents(model, x, labels, candidates, q, layout, device,
         chunks = [(percentile_sparsify(
             c.features if features_map is None else features_map(c.features),
             layout.block_sizes, q), c.sample, c.candidate, c.target)
-            for c in iter_tangent_features(model, xb, yb, cb, layout=layout,
-                                           objective=objective)]
+            for c in source.iter_rows(xb, yb, cb)]
         csrs, samples, candidates_, targets = zip(*chunks)
         xp = get_array_module(samples[0])
         yield (vstack(csrs, layout.n_params, xp),
@@ -128,6 +148,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
                      objective=CROSS_ENTROPY, features_map=None):
     """Extract one split into the store ``out``; resumes a killed run.
 
+    ``model``, ``layout``, ``objective``: as in :func:`iter_sparse_tangents`
+    (a Chainer model or a tangent source with its layout and objective).
     ``split_data``: ``(x, y)`` host arrays of the split. ``provenance``: what
     identifies this extraction beside the arguments here (dataset, split,
     model checksum, ...); a store at ``out`` from a different extraction is
@@ -209,3 +231,23 @@ def model_provenance(snapshot_path, arch, dataset, split, data_dir=None,
             'model_sha256': file_sha256(snapshot_path), 'arch': arch,
             'dataset': dataset, 'data_dir': data_dir, 'split': split,
             'subset': subset}
+
+
+def torch_extraction(factory, weights, device, dataset, split, data_dir=None,
+                     subset=None):
+    """``(source, provenance)`` of ``extract --framework torch``: a
+    :class:`~gradnet_cupy.tangent.TorchSource` of the module of ``factory``
+    (``'path/model.py:name'``) with the state dict ``weights`` on
+    ``device``, and the provenance keys of :func:`model_provenance` (the
+    weights as the snapshot, ``arch`` ``'torch:<name>'``) plus the factory
+    file's checksum and the torch version (they decide the bits too)."""
+    from gradnet_cupy.tangent.torch_source import (
+        TorchSource, import_torch, load_module)
+    source = TorchSource(load_module(factory, weights, device))
+    path, _, name = factory.rpartition(':')
+    provenance = dict(
+        model_provenance(weights, f'torch:{name}', dataset, split, data_dir,
+                         subset),
+        model_factory=factory, model_factory_sha256=file_sha256(path),
+        torch_version=import_torch().__version__)
+    return source, provenance

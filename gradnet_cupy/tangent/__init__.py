@@ -25,6 +25,15 @@ Modules
     (``Linear``, ``Convolution2D``, ``Deconvolution2D``,
     ``BatchNormalization``, ``EmbedID``); :func:`register_rule` adds a rule
     for a user's link class, :func:`rule_for` looks one up.
+:mod:`~gradnet_cupy.tangent.source`
+    the :class:`TangentSource` interface (what extraction needs from a
+    model: rows of given candidates in chunks of whole samples, and the
+    layout), :class:`TangentBatch`, ``CANDIDATE_MODES``, ``MAX_BYTES`` and
+    the row order and chunking every source shares.
+:mod:`~gradnet_cupy.tangent.chainer_source`, :mod:`~gradnet_cupy.tangent.torch_source`
+    the two sources: :class:`ChainerSource` (the engine below) and
+    ``TorchSource`` (a ``torch.nn.Module`` through ``torch.func``; imports
+    torch only when used, docs/torch.rst).
 :mod:`~gradnet_cupy.tangent.engine`
     the extraction: ``tangent_features(model, x, labels=None,
     candidates='random', *, layout=None, seed=0, weight_decay=0.0,
@@ -63,10 +72,13 @@ model, float64 for a float64 one) and live in the model's array module
 Assumption (not checkable cheaply): in inference mode the model processes
 samples independently (true for ordinary feed-forward classifiers).
 """
+from gradnet_cupy.tangent.source import (
+    CANDIDATE_MODES, MAX_BYTES, TangentBatch, TangentSource)
 from gradnet_cupy.tangent.engine import (
-    CANDIDATE_MODES, CROSS_ENTROPY, MAX_BYTES, CrossEntropy, Objective,
-    OutputSum, TangentBatch, TangentFallbackWarning, iter_logit_jacobian,
-    iter_tangent_features, logit_jacobian, tangent_features)
+    CROSS_ENTROPY, CrossEntropy, Objective, OutputSum,
+    TangentFallbackWarning, iter_logit_jacobian, iter_tangent_features,
+    logit_jacobian, tangent_features)
+from gradnet_cupy.tangent.chainer_source import ChainerSource
 from gradnet_cupy.tangent.layout import (
     ParameterEntry, ParameterLayout, parameter_layout)
 from gradnet_cupy.tangent.rules import (
@@ -82,4 +94,13 @@ __all__ = [
     'BatchNormalizationRule', 'Call', 'Convolution2DRule',
     'Deconvolution2DRule', 'EmbedIDRule', 'LinearRule', 'Rule',
     'register_rule', 'rule_for',
-]
+    'TangentSource', 'ChainerSource',
+]   # TorchSource is not in __all__: a star import must not need torch
+
+
+def __getattr__(name):
+    """``TorchSource`` imports torch: only when asked for."""
+    if name == 'TorchSource':
+        from gradnet_cupy.tangent.torch_source import TorchSource
+        return TorchSource
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

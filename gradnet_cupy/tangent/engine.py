@@ -79,16 +79,14 @@ from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.tangent.layout import (
     _named_links, _own_params, parameter_layout)
 from gradnet_cupy.tangent.rules import Call, rule_for
-
-MAX_BYTES = 256 * 2 ** 20
-"""Default budget for the features of one chunk (256 MiB)."""
+from gradnet_cupy.tangent.source import (
+    CANDIDATE_MODES, MAX_BYTES, TangentBatch, int_labels, plan_rows,
+    row_labels, samples_per_chunk)
 
 SUB_BATCH = 16
 """Samples per CPU sub-batch: the unit of work that threads schedule (a
 fixed function of the chunk, never of the thread count, so the features are
 bit-identical for any ``n_threads``)."""
-
-CANDIDATE_MODES = ('true', 'random', 'all')
 
 
 class TangentFallbackWarning(UserWarning):
@@ -332,20 +330,6 @@ class _Extraction:
 # Public extraction API
 # --------------------------------------------------------------------------
 
-class TangentBatch(NamedTuple):
-    """Rows of tangent features and what each row is.
-
-    features: (rows, n_params) float32/float64; sample: (rows,) int64 index
-    into ``x``; candidate: (rows,) int32 candidate label (for the logit
-    Jacobian: the logit index); target: (rows,) int32 true label or -1.
-    All in the model's array module.
-    """
-    features: object
-    sample: object
-    candidate: object
-    target: object
-
-
 def _check_inputs(model, x, labels):
     """Validate x (array, non-empty, same module as the model, a float x of
     the model's float dtype) and labels (None or int (n,)); returns labels
@@ -371,26 +355,7 @@ def _check_inputs(model, x, labels):
             '(x.astype(...))')
     if labels is None:
         return None
-    return _int_labels(labels, len(x), 'labels')
-
-
-def _int_labels(values, n, what):
-    arr = np.asarray(values.get() if hasattr(values, 'get') else values)
-    if arr.ndim != 1 or len(arr) != n:
-        raise GradnetError(f'{what} must have shape ({n},) like x; got '
-                           f'{arr.shape}')
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise GradnetError(f'{what} must be integers, not {arr.dtype}')
-    return arr.astype(np.int64)
-
-
-def _check_range(values, n_classes, what):
-    if values is not None and len(values) and \
-            (values.min() < 0 or values.max() >= n_classes):
-        raise GradnetError(
-            f'{what} must lie in [0, {n_classes}) for a model with '
-            f'{n_classes} classes; got values in [{values.min()}, '
-            f'{values.max()}]')
+    return int_labels(labels, len(x), 'labels')
 
 
 class _Output:
@@ -413,21 +378,6 @@ class _Output:
         if self.whole is None:
             self.whole = xp.empty((total_rows, n_params), dtype)
         return self.whole[start:start + n]
-
-
-def _candidate_plan(candidates, labels, n_total):
-    """(mode, explicit host labels or None) of a supervised objective."""
-    if not isinstance(candidates, str):
-        return 'explicit', _int_labels(candidates, n_total, 'candidates')
-    if candidates not in CANDIDATE_MODES:
-        raise GradnetError(
-            f'unknown candidates mode {candidates!r}: choose one of '
-            f'{", ".join(CANDIDATE_MODES)} or pass a label array')
-    if candidates == 'true':
-        if labels is None:
-            raise GradnetError("candidates='true' needs labels")
-        return 'explicit', labels
-    return candidates, None
 
 
 class Objective:
@@ -566,25 +516,11 @@ def _iterate(model, x, labels, *, objective, output, candidates='all',
     ext = _Extraction(model, layout, objective, strict, weight_decay)
     n_total = len(x)
     z1, calls1 = ext.forward(x[:1])
-    if objective.uses_candidates:
-        mode, explicit = _candidate_plan(candidates, labels, n_total)
-        n_classes = z1.shape[1]
-        _check_range(labels, n_classes, 'labels')
-        _check_range(explicit, n_classes, 'candidates')
-    else:
-        mode, explicit = 'none', None
-    if mode == 'random':
-        rng = seed if isinstance(seed, np.random.Generator) \
-            else np.random.default_rng(seed)
-        explicit = rng.integers(0, n_classes, size=n_total)
-    n_passes = n_classes if mode == 'all' else 1
-    if max_bytes is None:
-        per_chunk = n_total
-    elif max_bytes <= 0:
-        raise GradnetError(f'max_bytes must be positive, not {max_bytes}')
-    else:
-        per_chunk = min(n_total, max(1, int(max_bytes) // ext.sample_bytes(
-            calls1, n_passes)))
+    mode, explicit, n_passes = plan_rows(
+        candidates, labels, n_total,
+        z1.shape[1] if objective.uses_candidates else None, seed)
+    per_chunk = samples_per_chunk(n_total, max_bytes,
+                                  ext.sample_bytes(calls1, n_passes))
     del z1, calls1
     return _chunks(ext, x, labels, explicit, mode, n_passes, per_chunk,
                    output, int(n_threads))
@@ -639,15 +575,8 @@ def _chunks(ext, x, labels, explicit, mode, n_passes, per_chunk,
                           n * n_passes)
         cand = None if explicit is None else explicit[start:stop]
         _fill_threaded(ext, mode, x[start:stop], cand, out, n_threads)
-        sample = np.repeat(np.arange(start, stop, dtype=np.int64), n_passes)
-        if mode == 'all':
-            candidate = np.tile(np.arange(n_passes, dtype=np.int32), n)
-        elif mode == 'none':    # unsupervised objective: no candidate
-            candidate = np.full(n, -1, np.int32)
-        else:
-            candidate = cand.astype(np.int32)
-        target = np.full(n * n_passes, -1, np.int32) if labels is None \
-            else np.repeat(labels[start:stop], n_passes).astype(np.int32)
+        sample, candidate, target = row_labels(start, stop, mode, n_passes,
+                                               explicit, labels)
         yield TangentBatch(out, xp.asarray(sample), xp.asarray(candidate),
                            xp.asarray(target))
 
