@@ -28,9 +28,15 @@ Three parts, each printing a table (and writing it to --out):
 Networks are trained once and reused from --nets (default --out; delete
 them to retrain); walks use the training inputs (base + gradnet splits).
 
-    python examples/geodesic_mnist.py --out runs/geodesic --parts sparsify
+    python examples/geodesic_mnist.py --out runs/geodesic --parts sparsify \
+        --finetune-passes 0.5
+    python examples/geodesic_mnist.py --out runs/geodesic --parts structured \
+        --recover-max 4
     python examples/geodesic_mnist.py --out runs/geodesic --parts task \
-        --fashion-dir /usr/share/datasets/fashion-mnist --fashion-subset 4000
+        --fashion-dir /usr/share/datasets/fashion-mnist --fashion-subset 2000
+
+(Fashion-MNIST: ``apt-get install dataset-fashion-mnist``.) The commands
+that made the tables of docs/geodesic.rst are listed there.
 """
 import argparse
 import copy
