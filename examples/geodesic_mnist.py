@@ -6,15 +6,18 @@ Three parts, each printing a table (and writing it to --out):
     The package's mlp is trained on the base + gradnet splits of the
     embedded MNIST (4,000 digits) and tested on its test split (1,000).
     For every --sparsities level: the geodesic walk, the fip walk, one-shot
-    magnitude pruning and iterative prune + fine-tune given the geodesic's
-    number of passes over the data; the final sparse network's test
-    accuracy, passes and wall time per method.
+    magnitude pruning, each followed by --finetune-passes passes of masked
+    fine-tuning (0: none), and iterative prune + fine-tune given the
+    geodesic's passes (walk + fine-tuning); the final sparse network's test
+    accuracy (and before the fine-tuning), passes and wall time per method.
 ``structured`` (the cnn)
-    Remove --filters of conv1's 64 filters: the geodesic walk (metric on the
-    training digits) then masked fine-tuning, against one-shot removal then
-    masked fine-tuning; the passes each needs to come within 1 point of
-    the dense test accuracy (fine-tuning in steps of --recover-step passes,
-    at most --recover-max).
+    Remove --filters of conv1's 64 filters (weights and biases) with each of
+    --structured-methods: the geodesic or fip walk (metric on the training
+    digits), one-shot removal, or iterative removal in --rounds rounds of
+    --recover-step passes of fine-tuning; then masked fine-tuning in steps
+    of --recover-step passes until the test accuracy is within 1 point of
+    the dense network's (at most --recover-max passes in all); the passes
+    each method needs.
 ``task`` (the mlp)
     w1 = the MNIST mlp; w2 = w1 fine-tuned on Fashion-MNIST (the choice
     that keeps the weights aligned); paths from w1 toward w2: geodesic and
@@ -22,11 +25,18 @@ Three parts, each printing a table (and writing it to --out):
     fine-tuning of w1 on Fashion-MNIST. For each, the best point by
     min(MNIST, Fashion-MNIST) test accuracy.
 
-Networks are trained once and reused from --out (delete them to retrain).
+Networks are trained once and reused from --nets (default --out; delete
+them to retrain); walks use the training inputs (base + gradnet splits).
 
-    python examples/geodesic_mnist.py --out runs/geodesic --parts sparsify
+    python examples/geodesic_mnist.py --out runs/geodesic --parts sparsify \
+        --finetune-passes 0.5
+    python examples/geodesic_mnist.py --out runs/geodesic --parts structured \
+        --recover-max 4
     python examples/geodesic_mnist.py --out runs/geodesic --parts task \
-        --fashion-dir /usr/share/datasets/fashion-mnist --fashion-subset 4000
+        --fashion-dir /usr/share/datasets/fashion-mnist --fashion-subset 2000
+
+(Fashion-MNIST: ``apt-get install dataset-fashion-mnist``.) The commands
+that made the tables of docs/geodesic.rst are listed there.
 """
 import argparse
 import copy
@@ -38,6 +48,7 @@ import time
 import numpy as np
 
 from gradnet_cupy.backend import resolve_device
+from gradnet_cupy.files import atomic_write
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.geodesic import (MagnitudeTarget, StructuredTarget,
                                    WalkSettings, WeightsTarget, finetune,
@@ -53,6 +64,9 @@ PARTS = ('sparsify', 'structured', 'task')
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', required=True)
+    parser.add_argument('--nets', default=None,
+                        help='Folder of the trained networks (default: '
+                             '--out); shared by several runs.')
     parser.add_argument('--parts', default='sparsify',
                         help=f"Comma-separated, of {', '.join(PARTS)}.")
     parser.add_argument('--device', default='auto')
@@ -68,8 +82,17 @@ def parse_args():
     parser.add_argument('--max-steps', type=int, default=400)
     parser.add_argument('--pull', type=float, default=1.0)
     parser.add_argument('--eval-every', type=int, default=20)
+    parser.add_argument('--finetune-passes', type=float, default=0.0,
+                        help='Masked fine-tuning after the walk or one-shot '
+                             'pruning, counted in the passes; prune + '
+                             'fine-tune gets the same total.')
     parser.add_argument('--filters', type=int, default=50)
     parser.add_argument('--cnn-epochs', type=int, default=3)
+    parser.add_argument('--structured-methods',
+                        default='geodesic,fip,one-shot,prune-finetune')
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='Removal rounds of the structured prune + '
+                             'fine-tune (--recover-step passes each).')
     parser.add_argument('--recover-step', type=float, default=0.25)
     parser.add_argument('--recover-max', type=float, default=10.0)
     parser.add_argument('--fashion-dir', default=None)
@@ -134,10 +157,29 @@ def mnist_network(args, device, arch, epochs):
     """(trained ``arch`` on the embedded MNIST, its test-accuracy function,
     its dense test accuracy, training (x, y))."""
     data = load_dataset('mnist')
-    base = trained(data, arch, os.path.join(args.out, f'{arch}_mnist'),
+    base = trained(data, arch, os.path.join(args.nets, f'{arch}_mnist'),
                    epochs, args.seed, device)
     measure = accuracy(data, device)
     return base, measure, measure(base)['accuracy'], joined(data)
+
+
+def walked(args, model, name, run):
+    """``(history, passes, steps)`` of the walk ``run()`` (moving ``model``);
+    its end point is saved to --out as ``walk_NAME.npz`` (+ ``.json``) and
+    reused by a later run with the same --out (delete them to walk again),
+    so that other --finetune-passes cost no walk."""
+    path = os.path.join(args.out, f'walk_{name}')
+    if os.path.exists(path + '.json'):
+        load_snapshot(model, path + '.npz')
+        with open(path + '.json') as f:
+            saved = json.load(f)
+        return saved['history'], saved['passes'], saved['steps']
+    result = run()
+    save_snapshot(model, path + '.npz')
+    saved = {'history': result.history, 'passes': result.passes,
+             'steps': result.steps}
+    atomic_write(path + '.json', lambda f: f.write(json.dumps(saved).encode()))
+    return result.history, result.passes, result.steps
 
 
 def sparsify(args, device):
@@ -153,27 +195,33 @@ def sparsify(args, device):
             start = time.perf_counter()
             steps = 0
             if method in ('geodesic', 'fip'):
-                result = walk(model, layout, target, x,
-                              settings(args, method), evaluate=measure,
-                              progress=True)
-                history, passes, steps = (result.history, result.passes,
-                                          result.steps)
+                history, passes, steps = walked(
+                    args, model, f'{method}_{p}', lambda: walk(
+                        model, layout, target, x, settings(args, method),
+                        evaluate=measure, progress=True))
                 if method == 'geodesic':
                     budget = passes
             elif method == 'one-shot':
                 history, passes = one_shot(model, layout, target,
                                            measure), 0.0
             else:
-                passes = budget or 1.0
+                passes = (budget or 0.0) + args.finetune_passes or 1.0
                 history = prune_finetune(model, layout, target, x, y, passes,
                                          rounds=5, evaluate=measure,
                                          seed=args.seed)
+            before = measure(model)['accuracy']
+            if method != 'prune-finetune' and args.finetune_passes > 0:
+                history = history + finetune(
+                    model, x, y, args.finetune_passes, layout=layout,
+                    mask=get_weights(model, layout) == 0, evaluate=measure,
+                    eval_points=1, seed=args.seed, start_passes=passes)
+                passes += args.finetune_passes
             final = measure(model)['accuracy']
             w = get_weights(model, layout)
             rows.append({'sparsity': p, 'method': method,
-                         'accuracy': final, 'dense': dense,
-                         'passes': float(passes), 'steps': steps,
-                         'zeros': float((w == 0).mean()),
+                         'accuracy': final, 'before_finetune': before,
+                         'dense': dense, 'passes': float(passes),
+                         'steps': steps, 'zeros': float((w == 0).mean()),
                          'seconds': time.perf_counter() - start})
             curves[method] = history
             print(f"sparsity {p}: {method} accuracy {final:.4f} "
@@ -182,8 +230,8 @@ def sparsify(args, device):
                       title=f'mlp on MNIST, sparsity {p}')
         histories[str(p)] = curves
     report(args, 'sparsify', rows, ['sparsity', 'method', 'accuracy',
-                                    'dense', 'passes', 'steps', 'zeros',
-                                    'seconds'],
+                                    'before_finetune', 'dense', 'passes',
+                                    'steps', 'zeros', 'seconds'],
            {'histories': histories, 'args': vars(args)})
 
 
@@ -207,19 +255,24 @@ def structured(args, device):
     base, measure, dense, (x, y) = mnist_network(args, device, 'cnn',
                                                  args.cnn_epochs)
     rows, curves = [], {}
-    for method in ('geodesic', 'one-shot'):
+    for method in args.structured_methods.split(','):
         model = copy.deepcopy(base)
         layout = layout_of(model, include_bias=True)
         target = StructuredTarget(layout, 'conv1', args.filters)
         start = time.perf_counter()
-        if method == 'geodesic':
+        if method in ('geodesic', 'fip'):
             result = walk(model, layout, target, x,
-                          settings(args, 'geodesic'), evaluate=measure,
+                          settings(args, method), evaluate=measure,
                           progress=True)
             walked, curves[method] = result.passes, result.history
-        else:
+        elif method == 'one-shot':
             walked, curves[method] = 0.0, one_shot(model, layout, target,
                                                    measure)
+        else:       # iterative: --rounds removals, --recover-step each
+            walked = args.rounds * args.recover_step
+            curves[method] = prune_finetune(
+                model, layout, target, x, y, walked, rounds=args.rounds,
+                evaluate=measure, seed=args.seed)
         after = measure(model)['accuracy']
         total, final = passes_to_recover(model, layout, x, y, dense, measure,
                                          args, walked)
@@ -229,6 +282,9 @@ def structured(args, device):
                                                if total is None else total),
                      'accuracy': final,
                      'seconds': time.perf_counter() - start})
+        print(f"structured: {method} after removal {after:.4f} within 1 "
+              f"point after {rows[-1]['passes_within_1_point']} passes",
+              flush=True)
     report(args, 'structured', rows, ['method', 'dense', 'after_removal',
                                       'walk_passes', 'passes_within_1_point',
                                       'accuracy', 'seconds'],
@@ -239,7 +295,7 @@ def task(args, device):
     mnist = load_dataset('mnist')
     fashion = load_dataset('fashion-mnist', args.fashion_dir,
                            args.fashion_subset)
-    w1_model = trained(mnist, 'mlp', os.path.join(args.out, 'mlp_mnist'),
+    w1_model = trained(mnist, 'mlp', os.path.join(args.nets, 'mlp_mnist'),
                        args.base_epochs, args.seed, device)
 
     def both(model):
@@ -252,7 +308,7 @@ def task(args, device):
         return min(entry['mnist'], entry['fashion'])
 
     xf, yf = joined(fashion)
-    w2_path = os.path.join(args.out, 'mlp_fashion_from_mnist.npz')
+    w2_path = os.path.join(args.nets, 'mlp_fashion_from_mnist.npz')
     w2_model = copy.deepcopy(w1_model)
     if os.path.exists(w2_path):
         load_snapshot(w2_model, w2_path)
@@ -302,7 +358,9 @@ def task(args, device):
 def main():
     args = parse_args()
     device = resolve_device(args.device)
+    args.nets = args.nets or args.out
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.nets, exist_ok=True)
     runners = {'sparsify': sparsify, 'structured': structured, 'task': task}
     for part in args.parts.split(','):
         if part not in runners:
