@@ -249,3 +249,17 @@ def test_extract_mpi_refuses_shard_and_metric(extra, stores, tmp_path):
     assert result.exit_code == 1
     assert result.output.count('\n') == 1 and '--mpi' in result.output
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('extra', [['--online'], ['--online-test']])
+def test_fit_mpi_refuses_online_sources(extra, stores, tmp_path):
+    """--mpi splits stores across ranks: an on-the-fly source is refused
+    before anything starts (no MPI needed to say so)."""
+    train, test = stores
+    args = ['fit', '--train', train, '--model', stores[0], '--device', 'cpu',
+            '--out', tmp_path / 'gn', '--mpi', *extra]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1
+    assert result.output.count('\n') == 1
+    assert extra[0] in result.output and '--mpi' in result.output
+    assert os.listdir(tmp_path) == []
