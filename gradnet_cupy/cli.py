@@ -365,6 +365,12 @@ def parse_hidden(text):
 @click.option('--power', type=FiniteRange(0, min_open=True),
               default=0.5, show_default=True,
               help='Exponent of --normalize power.')
+@click.option('--normalize-store', type=click.Path(dir_okay=False),
+              default=None,
+              help='Fit the normalization on this store\'s rows instead of '
+                   '--train\'s: a held-out validation split of the same '
+                   'snapshot and q (e.g. extract --shard 0/2 for --train, '
+                   '--shard 1/2 for this).')
 @metric_block_options
 @click.option('--metric-damping', type=NON_NEGATIVE, default=1e-3,
               show_default=True,
@@ -404,8 +410,8 @@ def parse_hidden(text):
                    'one in <out>.partial) made with other arguments.')
 @common_options
 def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
-        subset, normalize, power, metric_partition, metric_max_block,
-        metric_damping, hidden, hidden_total, wiring, dropout,
+        subset, normalize, power, normalize_store, metric_partition,
+        metric_max_block, metric_damping, hidden, hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
         eval_every, out, overwrite, device, seed, as_json):
     """Train GradNet on tangent features and evaluate it (all candidates).
@@ -419,7 +425,7 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
     training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,
                             epochs, eval_every, seed)
     normalization = NormalizeOptions(normalize, power, MetricOptions(
-        metric_partition, metric_max_block, metric_damping))
+        metric_partition, metric_max_block, metric_damping), normalize_store)
     if online:
         if snapshot is None:
             raise GradnetError('--online needs --model SNAPSHOT')
@@ -436,6 +442,8 @@ def fit(train_path, test_path, online, snapshot, arch, q, dataset, data_dir,
             raise GradnetError('fit needs --train and --test stores '
                                '(or --online --model SNAPSHOT)')
         source = {'train': train_path, 'test': test_path}
+        if normalize_store is not None:
+            source['normalize_store'] = normalize_store
         for name, path in list(source.items()):
             with TangentStore.open(path) as store:
                 source[f'{name}_created'] = store.provenance.get('created')
