@@ -32,7 +32,7 @@ from gradnet_cupy.metric import (DEFAULT_MAX_BLOCK, DEFAULT_PARTITION,
                                  PARTITIONS)
 from gradnet_cupy.normalize import NORMALIZATIONS, normalizer_class
 from gradnet_cupy.rbm.commands import COMMANDS as RBM_COMMANDS, \
-    rbm_extraction
+    FISHER_SCALINGS, rbm_extraction
 from gradnet_cupy.rbm.fisher import OBJECTIVES, check_objective_for
 from gradnet_cupy.options import (
     MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
@@ -284,10 +284,17 @@ def load_base_model(snapshot, arch, data, device):
 @click.option('--binarize', 'threshold', type=float, default=None,
               help='With --arch rbm: visible unit = 1 where the image value '
                    'exceeds this.')
+@click.option('--fisher-scaling', type=click.Choice(FISHER_SCALINGS),
+              default='none', show_default=True,
+              help='With --arch rbm: diagonal: scale the centred scores by '
+                   'the diagonal Fisher information fitted on the gradnet '
+                   'split (the training rows) before sparsifying; use the '
+                   'same for every store of a fit.')
 @common_options
 def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
             out, shard, batch, compression, normalize, metric_partition,
-            metric_max_block, objective, threshold, device, seed, as_json):
+            metric_max_block, objective, threshold, fisher_scaling, device,
+            seed, as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
@@ -297,16 +304,19 @@ def extract(snapshot, arch, q, dataset, data_dir, subset, split, candidates,
         metric_partition, metric_max_block))
     data = load_dataset(dataset, data_dir, subset)
     transform, features_map = data.eval_transform, None
+    provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
+                                  subset)
     if arch == 'rbm':
         model, layout, transform, features_map = rbm_extraction(
-            snapshot, data, device, threshold, seed)
+            snapshot, data, device, threshold, seed, fisher_scaling)
+        provenance['fisher_scaling'] = fisher_scaling
+    elif fisher_scaling != 'none':
+        raise GradnetError('--fisher-scaling needs --arch rbm')
     else:
         model, layout = load_base_model(snapshot, arch, data, device)
     check_objective_for(model, OBJECTIVES[objective])
     metric = normalizer_class(normalize).extraction_accumulator(
         layout, options, device)
-    provenance = model_provenance(snapshot, arch, dataset, split, data_dir,
-                                  subset)
     summary = extract_to_store(
         model, layout, getattr(data, split), data.n_classes, out, provenance,
         candidates=candidates, q=q, shard=parse_shard(shard), seed=seed,

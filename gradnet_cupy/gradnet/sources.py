@@ -23,8 +23,10 @@ from gradnet_cupy.tangent import ParameterLayout
 
 STATS_READ_BATCH = 256    # store rows per read when a normalizer makes a pass
 # provenance keys that a training and a test store must share: the same base
-# network snapshot seen through the same layout, dataset, q and classes
-SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes')
+# network snapshot seen through the same layout, dataset, q and classes (and,
+# for an RBM's scores, the same extract --fisher-scaling)
+SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes',
+                 'fisher_scaling')
 
 
 def snapshot_identity(store):
