@@ -96,6 +96,11 @@ def parse_args(argv=None):
     parser.add_argument('--parts', default=','.join(PARTS))
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--combine', nargs='+', default=None,
+                        metavar='ABLATIONS_JSON',
+                        help='Only draw accuracy_vs_q.png into --out from '
+                             'these runs\' ablations.json (one line per '
+                             'run), running nothing.')
     parser.add_argument('--out', required=True)
     return parser.parse_args(argv)
 
@@ -204,6 +209,12 @@ def remove(paths):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.combine:
+        results = []
+        for path in args.combine:
+            with open(path) as f:
+                results.append(json.load(f))
+        return plot_q(args.out, results)
     started = time.time()
     data, validation = split_data(
         load_dataset(args.dataset, args.data_dir), args)
@@ -318,27 +329,40 @@ def write(out, result):
     print(f'base test accuracy {base:.4f}; data {result["data"]}; '
           f'wall {result["wall_s"]} s')
     print(text)
-    plot_q(out, [r for r in result['rows'] if r['part'] == 'q'], base)
+    plot_q(out, [result])
 
 
-def plot_q(out, rows, base):
+def plot_q(out, results):
+    """``accuracy_vs_q.png`` in ``out``: GradNet's test accuracy against q
+    of each result (an ``ablations.json`` dict) with a 'q' part, its
+    no-sparsification accuracy and its base as horizontal lines in the
+    same colour; labelled by dataset and seed when there are several."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    if not rows:
+    results = [r for r in results
+               if any(row['part'] == 'q' for row in r['rows'])]
+    if not results:
         return
-    fig, ax = plt.subplots(figsize=(5, 4))
-    swept = [r for r in rows if r['setting'] != 'none']
-    ax.plot([float(r['setting'].split('= ')[1]) for r in swept],
-            [r['gradnet'] for r in swept], 'o-', label='GradNet')
-    for r in rows:
-        if r['setting'] == 'none':
-            ax.axhline(r['gradnet'], color='tab:green', ls='--',
-                       label='GradNet, no sparsification')
-    ax.axhline(base, color='k', ls=':', label='base')
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, result in enumerate(results):
+        rows = [r for r in result['rows'] if r['part'] == 'q']
+        settings = result['settings']
+        name = f"{settings['dataset']}, seed {settings['seed']}: " \
+            if len(results) > 1 else ''
+        colour = f'C{i}'
+        swept = sorted((float(r['setting'].split('= ')[1]), r['gradnet'])
+                       for r in rows if r['setting'] != 'none')
+        ax.plot(*zip(*swept), 'o-', color=colour, label=f'{name}GradNet')
+        for r in rows:
+            if r['setting'] == 'none':
+                ax.axhline(r['gradnet'], color=colour, ls='--',
+                           label=f'{name}no sparsification')
+        ax.axhline(result['base_test_accuracy'], color=colour, ls=':',
+                   label=f'{name}base')
     ax.set_xlabel('sparsification percentile q')
     ax.set_ylabel('test accuracy (all candidates)')
-    ax.legend()
+    ax.legend(fontsize='small')
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'accuracy_vs_q.png'), dpi=100)
     plt.close(fig)

@@ -53,3 +53,8 @@ def test_tiny_ablation_writes_every_part(tmp_path):
     assert (out / 'ablations.rst').read_text().count('\n') == 3 + 13 + 1
     assert (out / 'accuracy_vs_q.png').read_bytes()[:4] == b'\x89PNG'
     assert not [n for n in os.listdir(out) if n.endswith('.h5')]
+    combined = tmp_path / 'combined'
+    ablations.main(['--combine', str(out / 'ablations.json'),
+                    str(out / 'ablations.json'), '--out', str(combined)])
+    assert os.listdir(combined) == ['accuracy_vs_q.png']
+    assert (combined / 'accuracy_vs_q.png').read_bytes()[:4] == b'\x89PNG'
