@@ -227,7 +227,8 @@ def main(argv=None):
     runner = Runner(args, data, base, layout, record)
     parts = args.parts.split(',')
     qs = [float(q) for q in args.qs.split(',')] + [NO_SPARSIFICATION_Q]
-    if 85.0 not in qs:
+    if 85.0 not in qs and {'structure', 'normalization',
+                           'candidates'} & set(parts):
         qs.append(85.0)
     rows = []
 
