@@ -1,6 +1,8 @@
 """Ablations of GradNet's settings against its base (seed 000 appendix,
 talk 002): the sparsification percentile q, no sparsification, GradNet's
-structure and wiring, and random vs all candidates for the training rows.
+structure and wiring, normalizations (fitted on the training rows or on a
+held-out validation split), and random vs all candidates for the training
+rows.
 
 One base network (``--arch``, ``--base-epochs`` on the base split) and one
 seed for everything. Every setting extracts with the package
@@ -17,8 +19,21 @@ test store). Settings that only change GradNet share the q = 85 stores.
 - ``structure``: hidden units per base layer block (``--structures``,
   e.g. ``5,25,10`` and ``20,400,100`` for the cnn's three layers; ``auto``:
   130 in proportion to the blocks), each with diagonal and adjacent wiring;
+- ``normalization``: on the q = 85 stores, GradNet with each method of
+  ``--normalizations`` fitted on the training rows (``metric-diagonal``:
+  the diagonal ``G^{-1/2}``, i.e. ``metric`` with the diagonal partition;
+  ``metric``: per-unit blocks of at most 256 columns), and each method of
+  ``--validation-normalizations`` fitted instead on a held-out validation
+  split: ``--validation`` gradnet digits that follow the ``--subset``
+  training digits (never trained on), extracted like the training rows
+  (one random candidate each) into their own store
+  (``NormalizeOptions.fit_store``, ``fit --normalize-store``);
 - ``candidates``: the training rows with one random candidate per sample
   (the default) or every class as a candidate (C times the rows).
+
+Data: ``--subset N`` keeps the first N digits of the base and gradnet
+splits, ``--test-subset M`` the first M test digits (default N); the
+validation digits are gradnet digits N .. N + V - 1.
 
 Writes ``--out/ablations.json`` (settings, data sizes, every row with its
 accuracy, store sizes and wall time) and ``ablations.rst`` (the tables) and
@@ -29,6 +44,7 @@ Example (the embedded MNIST, a subset)::
     python examples/ablations.py --dataset mnist --subset 600 --out runs/ablations
 """
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -36,12 +52,16 @@ import time
 from gradnet_cupy import gradnet
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.extract import extract_to_store, model_provenance
-from gradnet_cupy.options import NetOptions, NormalizeOptions, TrainOptions
+from gradnet_cupy.options import (MetricOptions, NetOptions,
+                                  NormalizeOptions, TrainOptions)
 from gradnet_cupy.tangent import parameter_layout
 from gradnet_cupy.train_base import load_base, train_base
 
 NO_SPARSIFICATION_Q = 1e-6
-PARTS = ('q', 'structure', 'candidates')
+PARTS = ('q', 'structure', 'normalization', 'candidates')
+# --normalizations names beyond the package's methods
+NORMALIZATIONS = {'metric-diagonal': NormalizeOptions(
+    'metric', metric=MetricOptions(partition='diagonal'))}
 
 
 def parse_args(argv=None):
@@ -49,7 +69,21 @@ def parse_args(argv=None):
     parser.add_argument('--dataset', default='mnist')
     parser.add_argument('--data-dir', default=None)
     parser.add_argument('--subset', type=int, default=None,
-                        help='Keep the first N samples of every split.')
+                        help='Keep the first N samples of the base and '
+                             'gradnet splits (and of test, without '
+                             '--test-subset).')
+    parser.add_argument('--test-subset', type=int, default=None,
+                        help='Keep the first M test samples.')
+    parser.add_argument('--validation', type=int, default=None,
+                        help='Held-out validation digits for the '
+                             'normalization part (default: half of the '
+                             'gradnet digits used, at most what is left).')
+    parser.add_argument('--normalizations',
+                        default='none,standard,scale_power,metric-diagonal',
+                        help='Fitted on the training rows.')
+    parser.add_argument('--validation-normalizations',
+                        default='scale_power,metric-diagonal',
+                        help='Fitted on the validation rows.')
     parser.add_argument('--arch', default='cnn')
     parser.add_argument('--base-epochs', type=int, default=1)
     parser.add_argument('--gradnet-epochs', type=int, default=3)
@@ -62,6 +96,11 @@ def parse_args(argv=None):
     parser.add_argument('--parts', default=','.join(PARTS))
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--combine', nargs='+', default=None,
+                        metavar='ABLATIONS_JSON',
+                        help='Only draw accuracy_vs_q.png into --out from '
+                             'these runs\' ablations.json (one line per '
+                             'run), running nothing.')
     parser.add_argument('--out', required=True)
     return parser.parse_args(argv)
 
@@ -84,6 +123,33 @@ def parse_structures(text, n_blocks):
     return out
 
 
+def split_data(full, args):
+    """``(data, validation)``: ``full`` (a Dataset) with the first
+    ``--subset`` base and gradnet samples and the first ``--test-subset``
+    test samples, and the validation split ``(x, y)``: the ``--validation``
+    gradnet samples after those (None when the normalization part fits
+    nothing on validation rows)."""
+    n = args.subset or len(full.gradnet[1])
+    data = dataclasses.replace(
+        full, base=head(full.base, 0, n), gradnet=head(full.gradnet, 0, n),
+        test=head(full.test, 0, args.test_subset or args.subset))
+    if 'normalization' not in args.parts.split(',') \
+            or not args.validation_normalizations:
+        return data, None
+    v = args.validation or n // 2
+    if n + v > len(full.gradnet[1]):
+        raise SystemExit(
+            f'--validation {v}: the gradnet split has {len(full.gradnet[1])} '
+            f'samples, {n} of them train GradNet; use a smaller --subset '
+            'or --validation')
+    return data, head(full.gradnet, n, n + v)
+
+
+def head(split, start, stop):
+    x, y = split
+    return x[start:stop], y[start:stop]
+
+
 class Runner:
     """Extracts stores and fits GradNet for one base snapshot."""
 
@@ -101,28 +167,32 @@ class Runner:
                                   ('test', 'all')):
             if split not in splits:
                 continue
-            path = os.path.join(self.args.out,
-                                f'{split}-q{q:g}-{candidates}.h5')
-            summary = extract_to_store(
-                self.base, self.layout, getattr(self.data, split),
-                self.data.n_classes, path,
-                model_provenance(self.record['path'], self.args.arch,
-                                 self.args.dataset, split,
-                                 self.args.data_dir, self.args.subset),
-                candidates=candidates, q=q, seed=self.args.seed,
-                device=self.args.device, transform=self.data.eval_transform,
-                progress=False, compression='lzf')
             name = 'train' if split == 'gradnet' else split
-            paths[split] = path
-            sizes[f'{name}_rows'] = summary['rows']
-            sizes[f'{name}_density'] = round(summary['density'], 4)
+            paths[split], sizes[f'{name}_rows'], \
+                sizes[f'{name}_density'] = self.extract(
+                    split, getattr(self.data, split), candidates, q)
         return paths, sizes, time.time() - start
 
-    def fit(self, paths, hidden=None, wiring='diagonal'):
+    def extract(self, split, samples, candidates, q):
+        """(store path, rows, density) of ``samples`` (``(x, y)``, called
+        ``split`` in the store's name and provenance) extracted at ``q``."""
+        path = os.path.join(self.args.out, f'{split}-q{q:g}-{candidates}.h5')
+        summary = extract_to_store(
+            self.base, self.layout, samples, self.data.n_classes, path,
+            model_provenance(self.record['path'], self.args.arch,
+                             self.args.dataset, split, self.args.data_dir,
+                             len(samples[1])),
+            candidates=candidates, q=q, seed=self.args.seed,
+            device=self.args.device, transform=self.data.eval_transform,
+            progress=False, compression='lzf')
+        return path, summary['rows'], round(summary['density'], 4)
+
+    def fit(self, paths, hidden=None, wiring='diagonal',
+            normalize=NormalizeOptions()):
         """(test accuracy, hidden sizes, seconds)."""
         start = time.time()
         model, _, history = gradnet.fit_stores(
-            paths['gradnet'], paths['test'], NormalizeOptions(),
+            paths['gradnet'], paths['test'], normalize,
             NetOptions(hidden=hidden, wiring=wiring, seed=self.args.seed),
             TrainOptions(epochs=self.args.gradnet_epochs, eval_every=0,
                          seed=self.args.seed),
@@ -139,8 +209,15 @@ def remove(paths):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.combine:
+        results = []
+        for path in args.combine:
+            with open(path) as f:
+                results.append(json.load(f))
+        return plot_q(args.out, results)
     started = time.time()
-    data = load_dataset(args.dataset, args.data_dir, args.subset)
+    data, validation = split_data(
+        load_dataset(args.dataset, args.data_dir), args)
     base_folder = os.path.join(args.out, 'base')
     if not os.path.exists(os.path.join(base_folder, 'snapshots.json')):
         train_base(data, args.arch, base_folder, epochs=args.base_epochs,
@@ -150,7 +227,8 @@ def main(argv=None):
     runner = Runner(args, data, base, layout, record)
     parts = args.parts.split(',')
     qs = [float(q) for q in args.qs.split(',')] + [NO_SPARSIFICATION_Q]
-    if 85.0 not in qs:
+    if 85.0 not in qs and {'structure', 'normalization',
+                           'candidates'} & set(parts):
         qs.append(85.0)
     rows = []
 
@@ -163,8 +241,8 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
 
     for q in qs:
-        wanted = (q == 85.0 and {'structure', 'candidates'} & set(parts)) \
-            or 'q' in parts
+        wanted = (q == 85.0 and {'structure', 'normalization',
+                                 'candidates'} & set(parts)) or 'q' in parts
         if not wanted:
             continue
         paths, sizes, extract_s = runner.stores(q)
@@ -179,6 +257,8 @@ def main(argv=None):
                         map(str, hidden))
                     add('structure', f'{label}, {wiring}', paths, sizes, 0.0,
                         hidden=hidden, wiring=wiring)
+        if q == 85.0 and 'normalization' in parts:
+            normalization_rows(runner, add, args, paths, sizes, validation)
         if q == 85.0 and 'candidates' in parts:
             add('candidates', 'random (1 per sample)', paths, sizes, 0.0)
             train, train_sizes, train_s = runner.stores(q, 'all', ('gradnet',))
@@ -188,11 +268,41 @@ def main(argv=None):
         remove(paths)
     result = {'settings': vars(args), 'base_test_accuracy':
               record['test_accuracy'],
-              'data': {split: len(getattr(data, split)[1])
-                       for split in ('base', 'gradnet', 'test')},
+              'data': {**{split: len(getattr(data, split)[1])
+                          for split in ('base', 'gradnet', 'test')},
+                       'validation': 0 if validation is None
+                       else len(validation[1])},
               'wall_s': round(time.time() - started, 1), 'rows': rows}
     write(args.out, result)
     return result
+
+
+def normalization_rows(runner, add, args, paths, sizes, validation):
+    """The normalization part on the q = 85 stores: each method of
+    ``--normalizations`` fitted on the training rows, then each of
+    ``--validation-normalizations`` fitted on the validation split's store
+    (extracted here, removed after)."""
+    def options(name, fit_store=None):
+        return dataclasses.replace(
+            NORMALIZATIONS.get(name) or NormalizeOptions(name),
+            fit_store=fit_store)
+
+    for name in filter(None, args.normalizations.split(',')):
+        add('normalization', f'{name}, training rows', paths, sizes, 0.0,
+            normalize=options(name))
+    names = list(filter(None, args.validation_normalizations.split(',')))
+    if not names:
+        return
+    start = time.time()
+    path, rows, density = runner.extract('validation', validation, 'random',
+                                         85.0)
+    extract_s = time.time() - start
+    for name in names:
+        add('normalization', f'{name}, validation rows ({rows:,})', paths,
+            dict(sizes, validation_rows=rows, validation_density=density),
+            extract_s, normalize=options(name, path))
+        extract_s = 0.0
+    os.remove(path)
 
 
 def write(out, result):
@@ -220,27 +330,40 @@ def write(out, result):
     print(f'base test accuracy {base:.4f}; data {result["data"]}; '
           f'wall {result["wall_s"]} s')
     print(text)
-    plot_q(out, [r for r in result['rows'] if r['part'] == 'q'], base)
+    plot_q(out, [result])
 
 
-def plot_q(out, rows, base):
+def plot_q(out, results):
+    """``accuracy_vs_q.png`` in ``out``: GradNet's test accuracy against q
+    of each result (an ``ablations.json`` dict) with a 'q' part, its
+    no-sparsification accuracy and its base as horizontal lines in the
+    same colour; labelled by dataset and seed when there are several."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    if not rows:
+    results = [r for r in results
+               if any(row['part'] == 'q' for row in r['rows'])]
+    if not results:
         return
-    fig, ax = plt.subplots(figsize=(5, 4))
-    swept = [r for r in rows if r['setting'] != 'none']
-    ax.plot([float(r['setting'].split('= ')[1]) for r in swept],
-            [r['gradnet'] for r in swept], 'o-', label='GradNet')
-    for r in rows:
-        if r['setting'] == 'none':
-            ax.axhline(r['gradnet'], color='tab:green', ls='--',
-                       label='GradNet, no sparsification')
-    ax.axhline(base, color='k', ls=':', label='base')
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, result in enumerate(results):
+        rows = [r for r in result['rows'] if r['part'] == 'q']
+        settings = result['settings']
+        name = f"{settings['dataset']}, seed {settings['seed']}: " \
+            if len(results) > 1 else ''
+        colour = f'C{i}'
+        swept = sorted((float(r['setting'].split('= ')[1]), r['gradnet'])
+                       for r in rows if r['setting'] != 'none')
+        ax.plot(*zip(*swept), 'o-', color=colour, label=f'{name}GradNet')
+        for r in rows:
+            if r['setting'] == 'none':
+                ax.axhline(r['gradnet'], color=colour, ls='--',
+                           label=f'{name}no sparsification')
+        ax.axhline(result['base_test_accuracy'], color=colour, ls=':',
+                   label=f'{name}base')
     ax.set_xlabel('sparsification percentile q')
     ax.set_ylabel('test accuracy (all candidates)')
-    ax.legend()
+    ax.legend(fontsize='small')
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'accuracy_vs_q.png'), dpi=100)
     plt.close(fig)

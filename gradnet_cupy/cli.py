@@ -35,7 +35,7 @@ from gradnet_cupy.metric import (DEFAULT_MAX_BLOCK, DEFAULT_PARTITION,
                                  PARTITIONS)
 from gradnet_cupy.normalize import NORMALIZATIONS, normalizer_class
 from gradnet_cupy.rbm.commands import COMMANDS as RBM_COMMANDS, \
-    rbm_extraction
+    FISHER_SCALINGS, rbm_extraction
 from gradnet_cupy.rbm.fisher import OBJECTIVES, check_objective_for
 from gradnet_cupy.options import (
     MetricOptions, NetOptions, NormalizeOptions, TrainOptions)
@@ -340,18 +340,26 @@ def online_test_source(snapshot, arch, dataset, data_dir, subset, device):
 @click.option('--binarize', 'threshold', type=float, default=None,
               help='With --arch rbm: visible unit = 1 where the image value '
                    'exceeds this.')
+@click.option('--fisher-scaling', type=click.Choice(FISHER_SCALINGS),
+              default='none', show_default=True,
+              help='With --arch rbm: diagonal: scale the centred scores by '
+                   'the diagonal Fisher information fitted on the gradnet '
+                   'split (the training rows) before sparsifying; use the '
+                   'same for every store of a fit.')
 @click.option('--mpi', is_flag=True, help=MPI_HELP['extract'])
 @common_options
 def extract(snapshot, arch, q, framework, weights, dataset, data_dir, subset,
             split, candidates, out, shard, batch, compression, normalize,
-            metric_partition, metric_max_block, objective, threshold, mpi,
-            device, seed, as_json):
+            metric_partition, metric_max_block, objective, threshold,
+            fisher_scaling, mpi, device, seed, as_json):
     """Extract sparse tangent features of one split into an HDF5 store.
 
     Re-running the same command after a crash resumes where the last
     complete batch ended; a store of a different extraction is refused.
     """
     check_framework_options(framework, snapshot, weights, objective)
+    if fisher_scaling != 'none' and arch != 'rbm':
+        raise GradnetError('--fisher-scaling needs --arch rbm')
     if mpi and (shard is not None or normalize != 'none'):
         raise GradnetError('--mpi picks the shard of each rank itself and '
                            'accumulates no metric: drop --shard and '
@@ -366,14 +374,15 @@ def extract(snapshot, arch, q, framework, weights, dataset, data_dir, subset,
             snapshot, weights, device, dataset, split, data_dir, subset)
         layout = model.layout
     else:
+        provenance = model_provenance(snapshot, arch, dataset, split,
+                                      data_dir, subset)
         if arch == 'rbm':
             model, layout, transform, features_map = rbm_extraction(
-                snapshot, data, device, threshold, seed)
+                snapshot, data, device, threshold, seed, fisher_scaling)
+            provenance['fisher_scaling'] = fisher_scaling
         else:
             model, layout = load_base_model(snapshot, arch, data, device)
         check_objective_for(model, OBJECTIVES[objective])
-        provenance = model_provenance(snapshot, arch, dataset, split,
-                                      data_dir, subset)
     metric = normalizer_class(normalize).extraction_accumulator(
         layout, options, device)
 
@@ -467,6 +476,12 @@ def parse_hidden(text):
 @click.option('--power', type=FiniteRange(0, min_open=True),
               default=0.5, show_default=True,
               help='Exponent of --normalize power.')
+@click.option('--normalize-store', type=click.Path(dir_okay=False),
+              default=None,
+              help='Fit the normalization on this store\'s rows instead of '
+                   '--train\'s: a held-out validation split of the same '
+                   'snapshot and q (e.g. extract --shard 0/2 for --train, '
+                   '--shard 1/2 for this).')
 @metric_block_options
 @click.option('--metric-damping', type=NON_NEGATIVE, default=1e-3,
               show_default=True,
@@ -507,9 +522,9 @@ def parse_hidden(text):
 @click.option('--mpi', is_flag=True, help=MPI_HELP['fit'])
 @common_options
 def fit(train_path, test_path, online, online_test, snapshot, arch, q,
-        dataset, data_dir,
-        subset, normalize, power, metric_partition, metric_max_block,
-        metric_damping, hidden, hidden_total, wiring, dropout,
+        dataset, data_dir, subset, normalize, power, normalize_store,
+        metric_partition, metric_max_block, metric_damping, hidden,
+        hidden_total, wiring, dropout,
         batchnorm, optimizer, lr, momentum, weight_decay, batch, epochs,
         eval_every, out, overwrite, mpi, device, seed, as_json):
     """Train GradNet on tangent features and evaluate it (all candidates).
@@ -528,7 +543,7 @@ def fit(train_path, test_path, online, online_test, snapshot, arch, q,
     training = TrainOptions(optimizer, lr, momentum, weight_decay, batch,
                             epochs, eval_every, seed)
     normalization = NormalizeOptions(normalize, power, MetricOptions(
-        metric_partition, metric_max_block, metric_damping))
+        metric_partition, metric_max_block, metric_damping), normalize_store)
     if (online or online_test) and snapshot is None:
         raise GradnetError(f"--{'online' if online else 'online-test'} "
                            'needs --model SNAPSHOT')
@@ -549,7 +564,9 @@ def fit(train_path, test_path, online, online_test, snapshot, arch, q,
                                      'dataset': dataset, 'subset': subset}
         else:
             source['test'] = test_path
-        for name in ('train', 'test'):
+        if normalize_store is not None:
+            source['normalize_store'] = normalize_store
+        for name in ('train', 'test', 'normalize_store'):
             if name not in source:
                 continue
             with TangentStore.open(source[name]) as store:

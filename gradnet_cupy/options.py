@@ -104,11 +104,16 @@ class NormalizeOptions:
 
     ``method``: one of :data:`gradnet_cupy.normalize.NORMALIZATIONS`;
     ``power``: the exponent of ``power`` (> 0); ``metric``: the
-    :class:`MetricOptions` of ``metric``.
+    :class:`MetricOptions` of ``metric``; ``fit_store``: None (fit on the
+    training rows) or the path of a store whose rows the normalizer is
+    fitted on instead, e.g. a held-out validation split extracted from the
+    same snapshot at the same q (the talk's ``G^{-1/2}`` estimated on
+    validation data); store fits only.
     """
     method: str = 'scale_power'
     power: float = 0.5
     metric: MetricOptions = dataclasses.field(default_factory=MetricOptions)
+    fit_store: Optional[str] = None
 
     def __post_init__(self):
         normalizer_class(self.method)

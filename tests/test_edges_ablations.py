@@ -1,5 +1,6 @@
-"""examples/ablations.py (issue #17 §2) on a tiny setting: every part runs,
-the rows carry their data sizes, the tables and the plot are written and
+"""examples/ablations.py (issue #17 §2) on a tiny setting: every part runs
+(normalizations fitted on the training rows and on held-out validation
+digits), the rows carry their data sizes, the tables and the plot are written and
 the stores are removed."""
 import importlib.util
 import json
@@ -21,6 +22,8 @@ def test_tiny_ablation_writes_every_part(tmp_path):
     out = tmp_path / 'abl'
     result = ablations.main(['--subset', '12', '--gradnet-epochs', '1',
                              '--qs', '90', '--structures', 'auto,2,3,4',
+                             '--test-subset', '10', '--validation', '6',
+                             '--normalizations', 'none,metric-diagonal',
                              '--out', str(out)])
     settings = [(r['part'], r['setting']) for r in result['rows']]
     assert settings == [
@@ -28,17 +31,30 @@ def test_tiny_ablation_writes_every_part(tmp_path):
         ('structure', 'auto 130, diagonal'),
         ('structure', 'auto 130, adjacent'),
         ('structure', '2+3+4, diagonal'), ('structure', '2+3+4, adjacent'),
+        ('normalization', 'none, training rows'),
+        ('normalization', 'metric-diagonal, training rows'),
+        ('normalization', 'scale_power, validation rows (6)'),
+        ('normalization', 'metric-diagonal, validation rows (6)'),
         ('candidates', 'random (1 per sample)'),
         ('candidates', 'all (C per sample)')]
     rows = {(r['part'], r['setting']): r for r in result['rows']}
     assert rows['q', 'q = 90']['train_density'] == 0.1
-    assert rows['q', 'q = 85']['test_rows'] == 12 * 10
+    assert rows['q', 'q = 85']['test_rows'] == 10 * 10
+    validated = rows['normalization', 'metric-diagonal, validation rows (6)']
+    assert validated['validation_rows'] == 6
+    assert validated['train_rows'] == 12
     assert rows['q', 'none']['train_density'] > 0.5
     assert rows['candidates', 'all (C per sample)']['train_rows'] == 120
     assert rows['structure', '2+3+4, diagonal']['hidden_sizes'] == [2, 3, 4]
-    assert result['data'] == {'base': 12, 'gradnet': 12, 'test': 12}
+    assert result['data'] == {'base': 12, 'gradnet': 12, 'test': 10,
+                              'validation': 6}
     with open(out / 'ablations.json') as f:
         assert json.load(f)['rows'] == result['rows']
-    assert (out / 'ablations.rst').read_text().count('\n') == 3 + 9 + 1
+    assert (out / 'ablations.rst').read_text().count('\n') == 3 + 13 + 1
     assert (out / 'accuracy_vs_q.png').read_bytes()[:4] == b'\x89PNG'
     assert not [n for n in os.listdir(out) if n.endswith('.h5')]
+    combined = tmp_path / 'combined'
+    ablations.main(['--combine', str(out / 'ablations.json'),
+                    str(out / 'ablations.json'), '--out', str(combined)])
+    assert os.listdir(combined) == ['accuracy_vs_q.png']
+    assert (combined / 'accuracy_vs_q.png').read_bytes()[:4] == b'\x89PNG'

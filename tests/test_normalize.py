@@ -1,12 +1,20 @@
+import json
+import os
+
 import numpy as np
 import pytest
 import scipy.sparse
+from click.testing import CliRunner
 
+from gradnet_cupy.cli import main
 from gradnet_cupy.errors import GradnetError
+from gradnet_cupy.gradnet import fit_stores
 from gradnet_cupy.kernels import CSR
 from gradnet_cupy.normalize import (COLUMN_METHODS, ColumnNormalizer,
                                     ColumnStats, load_normalizer)
-from gradnet_cupy.options import NormalizeOptions
+from gradnet_cupy.options import (MetricOptions, NetOptions,
+                                  NormalizeOptions, TrainOptions)
+from gradnet_cupy.store import StoreWriter, TangentStore
 
 BLOCKS = [6, 10, 4]
 
@@ -151,3 +159,146 @@ def test_bad_arguments_are_named(rng):
         fit('scale', stats, [5, 5])
     with pytest.raises(GradnetError, match='columns'):
         ColumnStats(21).add(make_csr(rng, 3))
+
+
+# ------------------------------------- fitted on another split's store --
+
+# two layer blocks: a Linear 3x4 with bias (15 columns), a Linear 2x3 (6)
+SPLIT_LAYOUT = {'entries': [
+    {'path': '/fc1', 'name': 'W', 'shape': [3, 4], 'offset': 0, 'size': 12,
+     'link_type': 'Linear'},
+    {'path': '/fc1', 'name': 'b', 'shape': [3], 'offset': 12, 'size': 3,
+     'link_type': 'Linear'},
+    {'path': '/fc2', 'name': 'W', 'shape': [2, 3], 'offset': 15, 'size': 6,
+     'link_type': 'Linear'}], 'block_sizes': [15, 6]}
+SPLIT_COLUMNS = 21
+SPLIT_CLASSES = 2
+
+
+def write_split_store(path, dense, candidates, model='ab', q=85.0):
+    """A finalized store of the rows ``dense`` (float32, rows x 21): one
+    row per sample (``candidates='random'``) or SPLIT_CLASSES consecutive
+    rows per sample (``'all'``), sample targets alternating 0/1."""
+    per = SPLIT_CLASSES if candidates == 'all' else 1
+    rows = np.arange(len(dense))
+    provenance = {'model_sha256': model * 32, 'arch': 'mlp',
+                  'dataset': 'mnist', 'q': q, 'n_classes': SPLIT_CLASSES,
+                  'candidates': candidates, 'seed': 0}
+    writer = StoreWriter.create(path, SPLIT_COLUMNS, SPLIT_LAYOUT,
+                                provenance, total_rows=len(dense))
+    writer.append(csr_of(dense), rows // per, rows % per,
+                  (rows // per) % SPLIT_CLASSES)
+    return str(writer.finalize())
+
+
+@pytest.fixture
+def split_stores(tmp_path):
+    """train.h5 and validation.h5 (random candidates; validation values 10x
+    larger and shifted, so the two splits' statistics differ in every
+    column), test.h5 (all candidates), and other.h5 (another snapshot)."""
+    rng = np.random.default_rng(7)
+
+    def rows(n, scale, shift):
+        dense = rng.normal(shift, scale, (n, SPLIT_COLUMNS))
+        dense[rng.random(dense.shape) < 0.3] = 0
+        return dense.astype(np.float32)
+
+    return {'train': write_split_store(tmp_path / 'train.h5', rows(30, 1, 0),
+                                       'random'),
+            'validation': write_split_store(tmp_path / 'validation.h5',
+                                            rows(20, 10, 3), 'random'),
+            'test': write_split_store(tmp_path / 'test.h5', rows(16, 1, 0),
+                                      'all'),
+            'other': write_split_store(tmp_path / 'other.h5', rows(20, 1, 0),
+                                       'random', model='cd')}
+
+
+def store_dense(path):
+    """Every row of the store at ``path``, dense."""
+    with TangentStore.open(path) as store:
+        return np.vstack([b.csr.to_scipy().toarray()
+                          for b in store.iter_batches(64)])
+
+
+def sparsified_oracle(y, q, block_sizes):
+    """Per row and layer block keep ``|y| > percentile(|y|, q)``."""
+    kept = np.zeros_like(y)
+    for row in range(len(y)):
+        start = 0
+        for size in block_sizes:
+            part = y[row, start:start + size]
+            keep = np.abs(part) > np.percentile(np.abs(part), q)
+            kept[row, start:start + size] = np.where(keep, part, 0)
+            start += size
+    return kept
+
+
+@pytest.mark.parametrize('which', ['train', 'validation'])
+def test_scale_power_is_fitted_on_the_named_store(split_stores, which):
+    """fit_stores with ``fit_store``: the normalizer's offsets and divisors
+    are the min and range of the nonzeros of that store's rows (a masked
+    NumPy oracle), not of the training rows'."""
+    fit_store = None if which == 'train' else split_stores[which]
+    _, normalizer, _ = fit_stores(
+        split_stores['train'], split_stores['test'],
+        NormalizeOptions('scale_power', fit_store=fit_store),
+        NetOptions(hidden=(2, 2)), TrainOptions(epochs=1, eval_every=0),
+        'cpu', progress=False)
+    masked = masked_column_oracle(store_dense(split_stores[which]))
+    np.testing.assert_allclose(normalizer.offset, masked.min(axis=0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        normalizer.divisor, masked.max(axis=0) - masked.min(axis=0),
+        rtol=1e-5)
+
+
+def test_diagonal_metric_is_fitted_on_the_named_store(split_stores):
+    """``metric`` with the diagonal partition fitted on the validation
+    store: a training row becomes ``t / sqrt(G_jj (1 + damping))`` with
+    ``G_jj`` the mean of ``t_j^2`` over the *validation* rows, then
+    re-sparsified per layer block at the store's q (dense oracle)."""
+    damping = 0.01
+    _, normalizer, _ = fit_stores(
+        split_stores['train'], split_stores['test'],
+        NormalizeOptions('metric', metric=MetricOptions(
+            partition='diagonal', damping=damping),
+            fit_store=split_stores['validation']),
+        NetOptions(hidden=(2, 2)), TrainOptions(epochs=1, eval_every=0),
+        'cpu', progress=False)
+    validation = store_dense(split_stores['validation']).astype(np.float64)
+    train = store_dense(split_stores['train'])
+    second = (validation ** 2).mean(axis=0)
+    want = sparsified_oracle(train / np.sqrt(second * (1 + damping)), 85.0,
+                             [15, 6])
+    got = normalizer(csr_of(train)).to_scipy().toarray()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    on_train = sparsified_oracle(
+        train / np.sqrt((train.astype(np.float64) ** 2).mean(axis=0)
+                        * (1 + damping)), 85.0, [15, 6])
+    assert not np.allclose(got, on_train, rtol=1e-2)
+
+
+def test_cli_fit_normalize_store_and_mismatch(split_stores, tmp_path):
+    """``fit --normalize-store``: the saved normalizer is the validation
+    store's and gradnet.json records the store; a store of another
+    snapshot is one error line and leaves no fit behind."""
+    args = ['fit', '--train', split_stores['train'], '--test',
+            split_stores['test'], '--hidden', '2,2', '--epochs', '1']
+    result = CliRunner().invoke(main, args + [
+        '--normalize-store', split_stores['validation'],
+        '--out', str(tmp_path / 'gn')])
+    assert result.exit_code == 0, result.output
+    saved = load_normalizer(tmp_path / 'gn')
+    masked = masked_column_oracle(store_dense(split_stores['validation']))
+    np.testing.assert_allclose(saved.offset, masked.min(axis=0), rtol=1e-6)
+    with open(tmp_path / 'gn' / 'gradnet.json') as f:
+        settings = json.load(f)['settings']
+    assert settings['normalize_store'] == split_stores['validation']
+    result = CliRunner().invoke(main, args + [
+        '--normalize-store', split_stores['other'],
+        '--out', str(tmp_path / 'bad')])
+    assert result.exit_code == 1
+    line, = result.output.strip().splitlines()
+    assert line.startswith('error: ') and 'other.h5' in line \
+        and 'model_sha256' in line
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('bad')]

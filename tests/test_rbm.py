@@ -214,3 +214,79 @@ def test_cli_train_extract_fit_linear(tmp_path):
                                'cpu'])
     assert bad.exit_code == 1
     assert bad.output.strip().splitlines()[-1].startswith('error: ')
+
+
+def test_cli_extract_diagonal_fisher_scaling(tmp_path):
+    """``extract --arch rbm --fisher-scaling diagonal``: the stored rows of
+    both splits equal a NumPy oracle: closed-form ``grad F`` (W: -sigma(c +
+    Wv) v', c: -sigma(c + Wv), b: -v), centred, each coordinate divided by
+    ``sqrt(E_gradnet[s_j^2] + 1e-3 mean_j E_gradnet[s_j^2])`` over the
+    *gradnet* split's scores, then per layer block kept where ``|y| >
+    percentile(|y|, q)``; a test store without the scaling is refused by
+    fit, and the option on a classifier is one error line."""
+    from gradnet_cupy.data import load_dataset
+    from gradnet_cupy.rbm import load_rbm
+    from gradnet_cupy.store import TangentStore
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [*map(str, args), '--device', 'cpu',
+                                    '--json'])
+
+    assert invoke('train-rbm', '--hidden', '3', '--binarize', '0.5',
+                  '--epochs', '1', '--subset', '30', '--out',
+                  tmp_path / 'rbm').exit_code == 0
+    snapshot = tmp_path / 'rbm' / 'rbm.npz'
+    extract = ('extract', '--arch', 'rbm', '--objective', 'free-energy',
+               '--binarize', '0.5', '--model', snapshot, '--subset', '30',
+               '--q', '80')
+    for split in ('gradnet', 'test'):
+        result = invoke(*extract, '--split', split, '--fisher-scaling',
+                        'diagonal', '--out', tmp_path / f'{split}.h5')
+        assert result.exit_code == 0, result.output
+    rbm = load_rbm(str(snapshot))
+    W, c = rbm.hidden.W.array.astype(np.float64), \
+        rbm.hidden.b.array.astype(np.float64)
+    centre = model_expectation(rbm, rbm_layout(rbm), seed=0)[0]
+    data = load_dataset('mnist', subset=30)
+
+    def scores(split):
+        v = (getattr(data, split)[0].reshape(30, -1) > 0.5).astype(np.float64)
+        p = 1 / (1 + np.exp(-(v @ W.T + c)))
+        grad = np.hstack([-(p[:, :, None] * v[:, None, :]).reshape(30, -1),
+                          -p, -v])
+        return centre - grad
+
+    second = (scores('gradnet') ** 2).mean(axis=0)
+    scale = 1 / np.sqrt(second + 1e-3 * second.mean())
+    for split in ('gradnet', 'test'):
+        y = scores(split) * scale
+        want, boundary = np.zeros_like(y), np.zeros(y.shape, bool)
+        for row in range(30):
+            for part in (slice(0, 784 * 3 + 3), slice(784 * 3 + 3, None)):
+                block = y[row, part]
+                cut = np.percentile(np.abs(block), 80)
+                want[row, part] = np.where(np.abs(block) > cut, block, 0)
+                # float32 vs float64: entries within 1e-5 of the cut may
+                # fall on either side of it
+                boundary[row, part] = np.isclose(np.abs(block), cut,
+                                                 rtol=1e-5)
+        with TangentStore.open(tmp_path / f'{split}.h5') as store:
+            assert store.provenance['fisher_scaling'] == 'diagonal'
+            got = np.vstack([b.csr.to_scipy().toarray()
+                             for b in store.iter_batches(64)])
+        assert boundary.sum() < 0.001 * boundary.size
+        np.testing.assert_allclose(got[~boundary], want[~boundary],
+                                   rtol=1e-4, atol=1e-6)
+    assert invoke(*extract, '--split', 'test', '--out',
+                  tmp_path / 'plain.h5').exit_code == 0
+    refused = invoke('fit', '--train', tmp_path / 'gradnet.h5', '--test',
+                     tmp_path / 'plain.h5', '--hidden', '0', '--out',
+                     tmp_path / 'fit')
+    assert refused.exit_code == 1 and 'fisher_scaling' in refused.output
+    classifier = invoke('extract', '--arch', 'mlp', '--model', snapshot,
+                        '--fisher-scaling', 'diagonal', '--subset', '5',
+                        '--out', tmp_path / 'x.h5')
+    line, = classifier.output.strip().splitlines()[-1:]
+    assert classifier.exit_code == 1 and line.startswith('error: ') \
+        and '--fisher-scaling' in line

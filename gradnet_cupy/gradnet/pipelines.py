@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from gradnet_cupy.errors import naming
+from gradnet_cupy.errors import GradnetError, naming
 from gradnet_cupy.gradnet.model import build_gradnet
 from gradnet_cupy.gradnet.plots import save_learning_curve
 from gradnet_cupy.gradnet.sources import (
@@ -40,9 +40,10 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
     :class:`~gradnet_cupy.options.NormalizeOptions`, ``NetOptions`` and
     ``TrainOptions``. The normalizer is fitted on the training store (its
     column statistics, its ``q``, and whatever its method keeps beside it,
-    e.g. the sums of ``extract --normalize metric``). The test store must
-    come from the same snapshot and layout and hold all candidates
-    (:func:`~.sources.check_test_store`). ``online_test``: an
+    e.g. the sums of ``extract --normalize metric``), or on the store
+    ``normalize.fit_store`` when given (:func:`normalizer_store`). The test
+    store must come from the same snapshot and layout and hold all
+    candidates (:func:`~.sources.check_test_store`). ``online_test``: an
     :class:`~.sources.OnlineTest` of the same snapshot, to extract the test
     split on the fly instead (``test_path`` is then not read; single
     process only). ``folder``: a :class:`~.persist.FitFolder` to
@@ -58,8 +59,11 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
             check_test_store(test_store, identity)
         else:
             online_test.check(identity)
+        fit_store = stack.enter_context(
+            normalizer_store(normalize.fit_store, train_store))
+        normalizer = fit_normalizer(
+            store_training_features(fit_store, device), normalize)
         features = store_training_features(train_store, device)
-        normalizer = fit_normalizer(features, normalize)
         model = build_gradnet(features.layout.block_sizes,
                               store_classes(train_store), net)
         if parallel.size == 1:
@@ -80,12 +84,36 @@ def fit_stores(train_path, test_path, normalize, net, training, device,
     return model, normalizer, history
 
 
+@contextlib.contextmanager
+def normalizer_store(path, train_store):
+    """The open store a normalizer is fitted on: ``train_store`` when
+    ``path`` is None, else the store at ``path`` (opened here, closed on
+    exit), which must hold rows of the training store's snapshot, layout
+    and q (any split, any candidates); a one-line GradnetError otherwise."""
+    if path is None:
+        yield train_store
+        return
+    identity = snapshot_identity(train_store)
+    with TangentStore.open(path) as store:
+        found = snapshot_identity(store)
+        differ = [key for key in identity if found[key] != identity[key]]
+        if differ:
+            raise GradnetError(
+                f'{path}: the normalizer\'s store does not come from the '
+                f"training store's snapshot: it differs in "
+                f"{', '.join(differ)}")
+        yield store
+
+
 def fit_online(base, layout, data, q, normalize, net, training, device,
                progress, folder=None):
     """GradNet trained by Algorithm 1 (no store): ``(model, normalizer,
     history)``. The normalizer is fitted on one pass over the gradnet
     split's tangents (:func:`~.sources.online_training_features`); options
-    as in :func:`fit_stores`."""
+    as in :func:`fit_stores` (``normalize.fit_store`` must be None)."""
+    if normalize.fit_store is not None:
+        raise GradnetError('a normalizer store needs store fits (--train); '
+                           'the online fit normalizes on its own tangents')
     seed = training.seed
     normalizer = fit_normalizer(
         online_training_features(base, layout, data, q, seed, device),

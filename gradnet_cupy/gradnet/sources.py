@@ -33,8 +33,10 @@ PREFETCH_BATCHES = 2      # store batches decoded ahead by a reader thread
 # what the evaluation holds at once, with its normalized copy
 TEST_BATCH_SAMPLES = 10
 # provenance keys that a training and a test store must share: the same base
-# network snapshot seen through the same layout, dataset, q and classes
-SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes')
+# network snapshot seen through the same layout, dataset, q and classes (and,
+# for an RBM's scores, the same extract --fisher-scaling)
+SNAPSHOT_KEYS = ('model_sha256', 'arch', 'dataset', 'q', 'n_classes',
+                 'fisher_scaling')
 
 
 def snapshot_identity(store):

@@ -15,19 +15,33 @@ from gradnet_cupy.backend import to_device
 from gradnet_cupy.data import DATASETS, load_dataset
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.models import model_to_device
-from gradnet_cupy.rbm.fisher import model_expectation, rbm_layout
+from gradnet_cupy.rbm.fisher import (
+    DiagonalFisher, fisher_scores, model_expectation, rbm_layout)
 from gradnet_cupy.rbm.model import RBM, binarize, load_rbm, save_rbm
 from gradnet_cupy.rbm.training import train_rbm
 
 
-def rbm_extraction(snapshot, data, device, threshold, seed):
+FISHER_SCALINGS = ('none', 'diagonal')
+"""``extract --fisher-scaling``: the centred scores as they are, or scaled
+by the diagonal Fisher fitted on the gradnet split (the training rows)."""
+FISHER_CHUNK = 256      # samples per score chunk of the diagonal Fisher fit
+
+
+def rbm_extraction(snapshot, data, device, threshold, seed,
+                   fisher_scaling='none'):
     """``(rbm, layout, transform, features_map)`` for extracting an RBM's
     Fisher scores: the RBM of ``snapshot`` on ``device``, its full layout
     (W, c, b), ``transform`` (host images -> binary visible vectors
     (n, V) float32, through the dataset's eval transform and
     :func:`~.model.binarize` at ``threshold``), and ``features_map`` (the
     centring ``E_model[grad F] - grad F``, the expectation from the default
-    Gibbs chains of :func:`~.fisher.model_expectation` seeded by ``seed``)."""
+    Gibbs chains of :func:`~.fisher.model_expectation` seeded by ``seed``;
+    with ``fisher_scaling='diagonal'`` then multiplied by the
+    :class:`~.fisher.DiagonalFisher` fitted on the centred scores of
+    ``data``'s gradnet split, whichever split is extracted)."""
+    if fisher_scaling not in FISHER_SCALINGS:
+        raise GradnetError(f'unknown Fisher scaling {fisher_scaling!r}: '
+                           f"choose one of {', '.join(FISHER_SCALINGS)}")
     rbm = model_to_device(load_rbm(snapshot), device)
     if rbm.n_visible != int(data.base[0][0].size):
         raise GradnetError(f'{snapshot}: an RBM with {rbm.n_visible} visible '
@@ -40,7 +54,15 @@ def rbm_extraction(snapshot, data, device, threshold, seed):
     def transform(x):
         return binarize(data.eval_transform(x), threshold)
 
-    return rbm, layout, transform, lambda grads: centre - grads
+    if fisher_scaling == 'none':
+        return rbm, layout, transform, lambda grads: centre - grads
+    x = data.gradnet[0]
+    fisher = DiagonalFisher.fit(
+        fisher_scores(rbm, to_device(transform(x[start:start + FISHER_CHUNK]),
+                                     device), centre, layout)
+        for start in range(0, len(x), FISHER_CHUNK))
+    return rbm, layout, transform, \
+        lambda grads: fisher.apply(centre - grads)
 
 
 @click.option('--dataset', type=click.Choice(DATASETS), default='mnist',
