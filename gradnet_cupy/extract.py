@@ -154,7 +154,8 @@ def extract_to_store(model, layout, split_data, n_classes, out, provenance,
     identifies this extraction beside the arguments here (dataset, split,
     model checksum, ...); a store at ``out`` from a different extraction is
     refused, as is one whose ``batch``, sub-batch or ``device`` differ
-    (they decide the bits). ``compression``: the store's ('gzip', 'lzf' or 'none').
+    (they decide the bits). ``compression``: the store's, one of
+    :data:`gradnet_cupy.store.COMPRESSIONS` (default blosc2-zstd).
     ``metric``: an empty :class:`~gradnet_cupy.metric.BlockMetric` on
     ``device`` (the ``extraction_accumulator`` of
     :class:`~gradnet_cupy.normalize.MetricNormalizer`) that
