@@ -149,3 +149,19 @@ def assert_csr_identical(actual, expected):
     np.testing.assert_array_equal(actual.indices, expected.indices)
     np.testing.assert_array_equal(actual.data.view(np.uint32),
                                   expected.data.view(np.uint32))
+
+
+def kept_oracle(y, q, block_sizes):
+    """Plain-NumPy per-layer sparsification of dense rows: in each row and
+    each block of ``block_sizes`` columns keep the entries with ``|y| >
+    np.percentile(|y|, q)``, zero the rest. ``y``: (rows, sum(block_sizes));
+    returns an array of its shape and dtype."""
+    kept = np.zeros_like(y)
+    for row in range(len(y)):
+        start = 0
+        for size in block_sizes:
+            part = y[row, start:start + size]
+            keep = np.abs(part) > np.percentile(np.abs(part), q)
+            kept[row, start:start + size] = np.where(keep, part, 0)
+            start += size
+    return kept

@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 
 from block_outer_cases import csr_from_dense, random_csr
+from sparsify_cases import kept_oracle
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.gradnet import (GradNet, candidate_outputs, load_gradnet,
                                   save_gradnet)
@@ -50,15 +51,7 @@ def oracle_normalize(train, rows):
         root = scipy.linalg.fractional_matrix_power(
             G + lam * np.eye(size), -0.5).real
         y[:, part] = rows[:, part] @ root
-    kept = np.zeros_like(y)
-    for row in range(len(y)):
-        start = 0
-        for size in SEGMENTS:
-            part = y[row, start:start + size]
-            keep = np.abs(part) > np.percentile(np.abs(part), Q)
-            kept[row, start:start + size] = np.where(keep, part, 0)
-            start += size
-    return kept
+    return kept_oracle(y, Q, SEGMENTS)
 
 
 def training_rows(rng):

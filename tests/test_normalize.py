@@ -6,6 +6,8 @@ import pytest
 import scipy.sparse
 from click.testing import CliRunner
 
+from sparsify_cases import kept_oracle
+
 from gradnet_cupy.cli import main
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.gradnet import fit_stores
@@ -220,19 +222,6 @@ def store_dense(path):
                           for b in store.iter_batches(64)])
 
 
-def sparsified_oracle(y, q, block_sizes):
-    """Per row and layer block keep ``|y| > percentile(|y|, q)``."""
-    kept = np.zeros_like(y)
-    for row in range(len(y)):
-        start = 0
-        for size in block_sizes:
-            part = y[row, start:start + size]
-            keep = np.abs(part) > np.percentile(np.abs(part), q)
-            kept[row, start:start + size] = np.where(keep, part, 0)
-            start += size
-    return kept
-
-
 @pytest.mark.parametrize('which', ['train', 'validation'])
 def test_scale_power_is_fitted_on_the_named_store(split_stores, which):
     """fit_stores with ``fit_store``: the normalizer's offsets and divisors
@@ -268,11 +257,11 @@ def test_diagonal_metric_is_fitted_on_the_named_store(split_stores):
     validation = store_dense(split_stores['validation']).astype(np.float64)
     train = store_dense(split_stores['train'])
     second = (validation ** 2).mean(axis=0)
-    want = sparsified_oracle(train / np.sqrt(second * (1 + damping)), 85.0,
-                             [15, 6])
+    want = kept_oracle(train / np.sqrt(second * (1 + damping)), 85.0,
+                       [15, 6])
     got = normalizer(csr_of(train)).to_scipy().toarray()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    on_train = sparsified_oracle(
+    on_train = kept_oracle(
         train / np.sqrt((train.astype(np.float64) ** 2).mean(axis=0)
                         * (1 + damping)), 85.0, [15, 6])
     assert not np.allclose(got, on_train, rtol=1e-2)
