@@ -180,20 +180,23 @@ def torch_twin(kind, model):
 def torch_loop_rows(net, names, x, rows):
     """Per-sample autograd loop in PyTorch over ``rows`` (sample,
     candidate) pairs: zero_grad, forward of the one sample, cross-entropy,
-    backward, copy of the selected grads into a (rows, n_params) array."""
+    backward, copy of the selected grads into a (rows, n_params) array;
+    without TF32, like the source."""
     import torch
+    from gradnet_cupy.tangent.torch_source import ieee_precision
     params = dict(net.named_parameters())
     selected = [params[n] for n in names]
     device = selected[0].device
     out = torch.empty((len(rows), sum(p.numel() for p in selected)),
                       device=device)
     xt = torch.as_tensor(x, device=device)
-    for r, (i, c) in enumerate(rows):
-        net.zero_grad()
-        loss = torch.nn.functional.cross_entropy(
-            net(xt[i:i + 1]), torch.tensor([c], device=device))
-        loss.backward()
-        out[r] = torch.cat([p.grad.reshape(-1) for p in selected])
+    with ieee_precision(torch):     # as the source computes its rows
+        for r, (i, c) in enumerate(rows):
+            net.zero_grad()
+            loss = torch.nn.functional.cross_entropy(
+                net(xt[i:i + 1]), torch.tensor([c], device=device))
+            loss.backward()
+            out[r] = torch.cat([p.grad.reshape(-1) for p in selected])
     return out.cpu().numpy()
 
 

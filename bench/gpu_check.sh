@@ -36,12 +36,14 @@ LOG="$OUT/log.txt"
 status=0
 
 step() {   # step NAME SECONDS COMMAND...: run, log, remember a failure
-    local name=$1 limit=$2
+    local name=$1 limit=$2 start
     shift 2
     echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$LOG"
+    start=$(date +%s%N)
     timeout "$limit" "$@" >> "$LOG" 2>&1
     local rc=$?
-    echo "=== $name: exit $rc" | tee -a "$LOG"
+    echo "=== $name: exit $rc, $(( ($(date +%s%N) - start) / 1000000 )) ms" \
+        | tee -a "$LOG"
     [ "$rc" -eq 0 ] || status=1
     return "$rc"
 }

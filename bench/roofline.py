@@ -32,7 +32,7 @@ not modelled: a kernel bound by them runs below the prediction.
 
 Device table: vendor datasheet figures (HBM bandwidth, SMs, shared memory
 and L2 per GPU, boost clock) and, for the H200, the copy bandwidth measured
-by bench/bench_sparsify.py on the GPU (bench/results/sparsify-h200.json,
+by bench/bench_sparsify.py on the GPU (bench/results/h200-run1/sparsify-h200.json,
 read + written bytes per second of a 1 GiB device copy), which the model
 uses as the roof when it is known (``roof='measured'``, the default for a
 device that has one).
@@ -63,7 +63,7 @@ DEVICES = {
                  smem_per_block=227 * 1024, l2_bytes=50 << 20,
                  clock_GHz=1.98, threads_per_sm=2048, blocks_per_sm=32,
                  registers_per_sm=65536,
-                 # bench/results/sparsify-h200.json, copy_bandwidth_GBps
+                 # bench/results/h200-run1/sparsify-h200.json, copy_bandwidth_GBps
                  measured_copy_GBps=4138.7),
 }
 RESERVED_SMEM_PER_BLOCK = 1024

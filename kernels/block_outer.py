@@ -100,9 +100,15 @@ def block_outer_accumulate(csr, blocks, G, weights=None, stream=None,
     and dense-path index arrays (``_cuda.device_constants``). Afterwards it only queues work: the
     sums may still be running when this returns. So with ``validate=False``
     and ``method='sparse'`` or ``'dense'`` it never waits after a warm-up
-    call, and can be captured in a CUDA graph.
+    call. Only ``method='sparse'`` with ``validate=False`` can be captured
+    in a CUDA graph: ``'dense'`` calls cuBLAS (CuPy's batched matmul), which
+    CuPy refuses under capture; other settings under capture are refused
+    with a one-line GradnetError before anything is queued.
     """
     xp = _check_inputs(csr, blocks, G, weights, method)
+    if xp is not np:
+        _check_capture(stream or xp.cuda.get_current_stream(), method,
+                       validate)
     if xp is np or stream is None:
         return _accumulate(csr, blocks, G, weights, method, validate, xp)
     with stream:
@@ -423,6 +429,17 @@ def choose_dense(counts, sizes, rows, xp):
     threshold = crossover_density(backend, sizes)
     density = to_numpy(counts) / (max(rows, 1) * np.asarray(sizes))
     return density >= threshold
+
+
+def _check_capture(stream, method, validate):
+    """GradnetError when ``stream`` (a cupy.cuda.Stream) is being captured
+    into a CUDA graph and the call would wait on the host or call cuBLAS."""
+    if stream.is_capturing() and (method != 'sparse' or validate):
+        raise GradnetError(
+            f"CUDA graph capture needs method='sparse' and validate=False, "
+            f"got method={method!r}, validate={validate}: 'auto' and "
+            "validate read back to the host, and 'dense' calls cuBLAS, "
+            "which CuPy does not capture")
 
 
 def _check_inputs(csr, blocks, G, weights, method):

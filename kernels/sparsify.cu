@@ -310,7 +310,7 @@ __device__ __forceinline__ long long sample_position(unsigned int i,
 // per task; chunk_kept: int64 per chunk; bad: set to 1 on NaN or Inf.
 // status: 1 = resolved here (keep_above and chunk_kept written), 0 =
 // sampled (lo_key and hi_key written).
-extern "C" __global__ void sparsify_sample(
+extern "C" __global__ void __launch_bounds__(MAX_WARPS * 32) sparsify_sample(
         const float* __restrict__ g, long long n_cols,
         const long long* __restrict__ info, const double* __restrict__ gamma,
         int n_seg, unsigned int* __restrict__ lo_key,
@@ -423,7 +423,7 @@ __device__ void load_chunk(const float* g, long long n_cols,
 // in [lo_key, hi_key] go to the task's region of cand, at cand_start[chunk]
 // (cand_count[chunk] of them), reserved through cand_n (per task; past the
 // region's capacity nothing is written, and resolve sees the overflow).
-extern "C" __global__ void sparsify_split(
+extern "C" __global__ void __launch_bounds__(MAX_WARPS * 32) sparsify_split(
         const float* __restrict__ g, long long n_cols,
         const long long* __restrict__ info, const double* __restrict__ gamma,
         int n_seg, const int* __restrict__ chunk_seg,
@@ -502,7 +502,7 @@ extern "C" __global__ void sparsify_split(
 // Grid: one block per task.  For a sampled task (status 0): the exact bound
 // from its candidates when the target ranks lie among them (keep_above,
 // chunk_kept[chunk] += candidates above it), else status = 2.
-extern "C" __global__ void sparsify_resolve(
+extern "C" __global__ void __launch_bounds__(MAX_WARPS * 32) sparsify_resolve(
         const long long* __restrict__ info, const double* __restrict__ gamma,
         int n_seg, int* __restrict__ status,
         const unsigned int* __restrict__ below,
@@ -564,7 +564,7 @@ extern "C" __global__ void sparsify_resolve(
 
 // Grid: one block per task.  For a task resolve marked (status 2): the
 // exact bound from the whole segment and every chunk's kept count.
-extern "C" __global__ void sparsify_fallback(
+extern "C" __global__ void __launch_bounds__(MAX_WARPS * 32) sparsify_fallback(
         const float* __restrict__ g, long long n_cols,
         const long long* __restrict__ info, const double* __restrict__ gamma,
         int n_seg, const int* __restrict__ status,
@@ -614,7 +614,7 @@ extern "C" __global__ void sparsify_fallback(
 // ends: int64 inclusive cumsum of chunk_kept.  Writes the chunk's kept
 // entries to indices (int32 column) and data (float32, bit for bit) at
 // [ends[chunk - 1], ends[chunk]), in column order.
-extern "C" __global__ void sparsify_compact(
+extern "C" __global__ void __launch_bounds__(MAX_WARPS * 32) sparsify_compact(
         const float* __restrict__ g, long long n_cols,
         const long long* __restrict__ info, const double* __restrict__ gamma,
         int n_seg, const int* __restrict__ chunk_seg,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from block_outer_cases import oracle, random_csr
+from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import (CSR, Blocks, block_outer_accumulate,
                                   percentile_sparsify)
 from gradnet_cupy.kernels import _cuda, block_outer, blocks, csr, sparsify
@@ -54,10 +55,15 @@ class DeviceArray(np.ndarray):
 
 class FakeStream:
     """A stream: ``with stream:`` makes it current, ``synchronize`` is a
-    host wait (logged)."""
+    host wait (logged); ``capturing``: what ``is_capturing()`` says (a
+    CUDA graph capture in progress)."""
 
-    def __init__(self, name):
+    def __init__(self, name, capturing=False):
         self.name = name
+        self.capturing = capturing
+
+    def is_capturing(self):
+        return self.capturing
 
     def __enter__(self):
         self._outer, FakeCupy.current = FakeCupy.current, self
@@ -250,6 +256,34 @@ def test_block_outer_without_validation_never_waits(fake, rng, method):
                            method=method, validate=False)
     assert waits(fake.log) == []
     assert_all_on(fake.log, stream)
+
+
+@pytest.mark.parametrize('method, validate', [
+    ('dense', False), ('auto', False), ('sparse', True)])
+def test_capture_refuses_host_reads_and_cublas_before_queueing(
+        fake, rng, method, validate):
+    """Under graph capture only method='sparse' with validate=False runs
+    (the call that captures, after a warm-up); anything else is one
+    GradnetError raised before any device operation is queued."""
+    batch, _ = random_csr(rng, 12, 40, 0.3)
+    layout = Blocks.contiguous([15, 25])
+    on_device = CSR(*(device(a) for a in batch[:3]), batch.shape)
+    stream = FakeStream('capture')
+    G = device(np.zeros(layout.packed_size))
+    block_outer_accumulate(on_device, layout, G, stream=stream,
+                           method='sparse')                     # warm-up
+    stream.capturing = True
+    fake.log.clear()
+    block_outer_accumulate(on_device, layout, G, stream=stream,
+                           method='sparse', validate=False)
+    assert waits(fake.log) == [] and fake.log
+    fake.log.clear()
+    with pytest.raises(GradnetError, match="^CUDA graph capture needs "
+                       "method='sparse' and validate=False, got "
+                       f"method='{method}', validate={validate}: "):
+        block_outer_accumulate(on_device, layout, G, stream=stream,
+                               method=method, validate=validate)
+    assert fake.log == []
 
 
 def test_validation_reads_on_the_stream_before_any_kernel(fake, rng):

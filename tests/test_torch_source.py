@@ -150,6 +150,41 @@ def test_random_candidates_chunks_and_row_order():
                                np.abs(every.features).max())
 
 
+def test_rows_are_computed_without_tf32_and_the_flags_restored(monkeypatch):
+    """Inside a chunk's computation torch's cuDNN convolutions and matrix
+    products are set to IEEE precision (no TF32); before and after, the
+    user's settings, here TF32 for both, are in place."""
+    conv = torch.backends.cudnn.conv
+    matmul = torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = 'tf32'
+    try:
+        seen, after = _precision_during_rows(monkeypatch, conv, matmul)
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+    assert seen == [('ieee', 'ieee')] * 2
+    assert after == ('tf32', 'tf32')
+
+
+def _precision_during_rows(monkeypatch, conv, matmul):
+    """(precisions seen by each of two chunks' computation, precisions
+    after the iteration)."""
+    net, in_shape = conv2d_net()
+    source = TorchSource(net.eval())
+    seen = []
+    rows = source._rows
+
+    def recording(*args):
+        seen.append((conv.fp32_precision, matmul.fp32_precision))
+        return rows(*args)
+
+    monkeypatch.setattr(source, '_rows', recording)
+    x = np.zeros((2,) + in_shape, np.float32)
+    chunks = list(source.iter_rows(x, None, 'all', max_bytes=1))
+    assert len(chunks) == 2
+    return seen, (conv.fp32_precision, matmul.fp32_precision)
+
+
 # -- the same network in Chainer and in PyTorch ----------------------------
 
 def _chainer_mlp(net):

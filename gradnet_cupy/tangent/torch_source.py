@@ -32,9 +32,13 @@ Devices: a module on the CPU takes NumPy input (``torch.from_numpy``, no
 copy) and returns NumPy rows (``Tensor.numpy()``, no copy); a module on a
 CUDA device takes CuPy input (``torch.from_dlpack``) and returns CuPy rows
 through ``cupy.from_dlpack`` (no host copy; DLPack orders the exchange on
-the consumer's current stream). The CUDA path has not been run in this
-repository's CI (no GPU); see docs/torch.rst.
+the consumer's current stream). Rows are computed in IEEE float32/float64:
+TF32 tensor-core math, torch's default for cuDNN convolutions on Ampere and
+later GPUs, is switched off for the duration of each chunk and restored
+after (:func:`ieee_precision`). The CUDA path runs in the GPU tier
+(tests/gpu/test_torch_source_gpu.py), not in CI; see docs/torch.rst.
 """
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -51,6 +55,31 @@ from gradnet_cupy.tangent.source import (
 INSTALL = 'pip install "gradnet-cupy[torch]"'
 PARAM_NAMES = {'weight': 'W', 'bias': 'b'}
 """torch parameter name -> layout entry name (Chainer's)."""
+
+
+@contextlib.contextmanager
+def ieee_precision(torch):
+    """TF32 off for torch's cuDNN convolutions and CUDA matrix products
+    inside the block, the previous settings restored after. TF32 rounds
+    float32 inputs to a 10-bit mantissa; on the H200 (2026-12-04) the cnn's
+    rows from torch differed from the float32 Chainer engine's by 4.2% of
+    their largest entry with torch's defaults (the mlp's, without
+    convolutions, by 0). Uses ``fp32_precision`` (torch >= 2.9), else the
+    legacy ``allow_tf32`` flags; mixing the two APIs is an error in torch."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(cudnn, 'conv') and hasattr(matmul, 'fp32_precision'):
+        flags = [(cudnn.conv, 'fp32_precision', 'ieee'),
+                 (matmul, 'fp32_precision', 'ieee')]
+    else:
+        flags = [(cudnn, 'allow_tf32', False), (matmul, 'allow_tf32', False)]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    try:
+        for owner, name, value in flags:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def import_torch():
@@ -302,7 +331,7 @@ class TorchSource(TangentSource):
             else:
                 hots = eye[torch.from_numpy(explicit[start:stop]).to(
                     self.device)].unsqueeze(1)
-            with torch.no_grad():
+            with torch.no_grad(), ieee_precision(torch):
                 rows = self._rows(self.params, xt[start:stop], hots)
             sample, candidate, target = row_labels(
                 start, stop, mode, n_passes, explicit, labels)

@@ -9,6 +9,7 @@ import pytest
 
 from block_outer_cases import oracle, random_csr
 from gradnet_cupy.backend import import_cupy
+from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.kernels import CSR, Blocks, block_outer, block_outer_accumulate
 from test_sparsify_gpu import busy
 
@@ -70,10 +71,10 @@ def test_stream_is_ordered_behind_a_busy_kernel(backend, rng):
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('method', ['sparse', 'dense'])
-def test_cuda_graph_capture_and_replay(backend, rng, method):
-    """After a warm-up call, block_outer_accumulate(validate=False) captures
-    into a CUDA graph; three replays add three times the sums."""
+def test_cuda_graph_capture_and_replay(backend, rng):
+    """After a warm-up call, block_outer_accumulate(method='sparse',
+    validate=False) captures into a CUDA graph; three replays add three
+    times the sums."""
     csr, dense = random_csr(rng, 200, 600, 0.1)
     blocks = Blocks.contiguous([100, 200, 300])
     weights = rng.random(200).astype(np.float32)
@@ -83,12 +84,12 @@ def test_cuda_graph_capture_and_replay(backend, rng, method):
         w = cupy.asarray(weights)
         G = cupy.zeros(blocks.packed_size)
         block_outer_accumulate(batch, blocks, G, w, stream=stream,
-                               method=method)             # warm-up
+                               method='sparse')           # warm-up
         G.fill(0)
         stream.begin_capture()
         try:
             block_outer_accumulate(batch, blocks, G, w, stream=stream,
-                                   method=method, validate=False)
+                                   method='sparse', validate=False)
         finally:
             graph = stream.end_capture()
         for _ in range(3):
@@ -96,6 +97,34 @@ def test_cuda_graph_capture_and_replay(backend, rng, method):
     stream.synchronize()
     np.testing.assert_allclose(G.get(), 3 * oracle(dense, blocks, weights),
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('method, validate', [
+    ('dense', False), ('auto', False), ('sparse', True)])
+def test_capture_refuses_what_waits_or_calls_cublas(backend, rng, method,
+                                                     validate):
+    """Under capture, 'dense' (cuBLAS, which CuPy refuses to capture),
+    'auto' and validate (host reads) are one-line errors raised before
+    anything is queued: G stays untouched."""
+    csr, _ = random_csr(rng, 50, 600, 0.1)
+    blocks = Blocks.contiguous([100, 200, 300])
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        batch = backend.csr(csr)
+        G = cupy.zeros(blocks.packed_size)
+        block_outer_accumulate(batch, blocks, G, stream=stream,
+                               method='sparse')           # warm-up
+        G.fill(0)
+        stream.begin_capture()
+        try:
+            with pytest.raises(GradnetError, match='CUDA graph capture '
+                               "needs method='sparse' and validate=False"):
+                block_outer_accumulate(batch, blocks, G, stream=stream,
+                                       method=method, validate=validate)
+        finally:
+            stream.end_capture()
+    stream.synchronize()
+    assert not G.any()
 
 
 @pytest.mark.parametrize('sizes', [[100, 1000, 33], [2048], [64] * 20,

@@ -70,7 +70,8 @@ def test_logit_jacobian_rows_feed_the_step_on_the_gpu():
     layout = layout_of(model)
     import cupy
     x = cupy.asarray(inputs(4, np.float32))
-    J = logit_jacobian(model, x, layout=layout).reshape(40, -1) / 2
+    J = logit_jacobian(model, x, layout=layout).reshape(
+        -1, layout.n_params) / 2
     v, _ = MagnitudeTarget(layout, 0.5).direction(get_weights(model, layout))
     step = exact_step(J, v, 1.0, 0.01)
     assert abs(step.norm2 / 0.01 - 1) <= 1e-6
