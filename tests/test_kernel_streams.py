@@ -242,16 +242,23 @@ def test_block_outer_runs_on_the_stream(fake, rng, method):
             atol=1e-6)
 
 
-@pytest.mark.parametrize('method', ['sparse', 'dense'])
-def test_block_outer_without_validation_never_waits(fake, rng, method):
+def warmed_up(fake, rng, method):
+    """(CSR, Blocks, G, stream) on the fake device after one warm-up call of
+    block_outer_accumulate with ``method``; the log cleared."""
     batch, _ = random_csr(rng, 12, 40, 0.3)
     layout = Blocks.contiguous([15, 25])
     on_device = CSR(*(device(a) for a in batch[:3]), batch.shape)
     stream = FakeStream('capture')
     G = device(np.zeros(layout.packed_size))
     block_outer_accumulate(on_device, layout, G, stream=stream,
-                           method=method)                       # warm-up
+                           method=method)
     fake.log.clear()
+    return on_device, layout, G, stream
+
+
+@pytest.mark.parametrize('method', ['sparse', 'dense'])
+def test_block_outer_without_validation_never_waits(fake, rng, method):
+    on_device, layout, G, stream = warmed_up(fake, rng, method)
     block_outer_accumulate(on_device, layout, G, stream=stream,
                            method=method, validate=False)
     assert waits(fake.log) == []
@@ -265,15 +272,8 @@ def test_capture_refuses_host_reads_and_cublas_before_queueing(
     """Under graph capture only method='sparse' with validate=False runs
     (the call that captures, after a warm-up); anything else is one
     GradnetError raised before any device operation is queued."""
-    batch, _ = random_csr(rng, 12, 40, 0.3)
-    layout = Blocks.contiguous([15, 25])
-    on_device = CSR(*(device(a) for a in batch[:3]), batch.shape)
-    stream = FakeStream('capture')
-    G = device(np.zeros(layout.packed_size))
-    block_outer_accumulate(on_device, layout, G, stream=stream,
-                           method='sparse')                     # warm-up
+    on_device, layout, G, stream = warmed_up(fake, rng, 'sparse')
     stream.capturing = True
-    fake.log.clear()
     block_outer_accumulate(on_device, layout, G, stream=stream,
                            method='sparse', validate=False)
     assert waits(fake.log) == [] and fake.log

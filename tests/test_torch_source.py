@@ -2,6 +2,7 @@
 against per-sample autograd in PyTorch (one sample, one backward at a
 time) and against the Chainer engine on the same network, the CLI round
 trip into a store, and the bad-input errors."""
+import copy
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ nn = torch.nn
 
 from click.testing import CliRunner  # noqa: E402
 
+from gradnet_cupy.backend import to_numpy  # noqa: E402
 from gradnet_cupy.chainer_compat import chainer, F, L  # noqa: E402
 from gradnet_cupy.cli import main  # noqa: E402
 from gradnet_cupy.data import load_dataset  # noqa: E402
@@ -82,10 +84,16 @@ def relative_errors(got, want):
     return np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
 
 
-@pytest.mark.parametrize('build, dtype, include_bias', [
+ROW_CASES = [
     (conv2d_net, torch.float64, True), (conv2d_net, torch.float32, False),
-    (conv1d3d_net, torch.float64, False), (conv1d3d_net, torch.float32, True)])
-def test_rows_equal_per_sample_autograd(build, dtype, include_bias):
+    (conv1d3d_net, torch.float64, False), (conv1d3d_net, torch.float32, True)]
+
+
+def assert_rows_equal_per_sample_autograd(build, dtype, include_bias, xp):
+    """The source's rows for every candidate mode against
+    :func:`reference_rows` on the CPU. ``xp``: numpy (the module on the
+    CPU, NumPy in and out) or cupy (a copy of the module on CUDA, CuPy in
+    and out; tests/gpu)."""
     torch.manual_seed(0)
     net, in_shape = build()
     net = net.to(dtype).eval()
@@ -93,19 +101,28 @@ def test_rows_equal_per_sample_autograd(build, dtype, include_bias):
     x = rng.standard_normal((3,) + in_shape).astype(
         torch.empty((), dtype=dtype).numpy().dtype)
     labels = rng.integers(0, N_CLASSES, 3)
-    source = TorchSource(net, include_bias=include_bias)
+    module = net if xp is np else copy.deepcopy(net).cuda()
+    source = TorchSource(module, include_bias=include_bias)
     for mode, per_sample in [
             ('all', np.tile(np.arange(N_CLASSES), (3, 1))),
             ('true', labels[:, None]),
             (labels[::-1].copy(), labels[::-1, None])]:
-        batch = source.rows(x, labels, mode)
-        want = reference_rows(net, source.names, x, per_sample)
+        batch = source.rows(xp.asarray(x), labels, mode)
+        assert isinstance(batch.features, xp.ndarray)
         assert batch.features.dtype == x.dtype
-        assert relative_errors(batch.features, want).max() <= TOLERANCE[dtype]
-        assert (batch.candidate == per_sample.reshape(-1)).all()
-        assert (batch.sample == np.repeat(np.arange(3),
-                                          per_sample.shape[1])).all()
-        assert (batch.target == np.repeat(labels, per_sample.shape[1])).all()
+        want = reference_rows(net, source.names, x, per_sample)
+        got = to_numpy(batch.features)
+        assert relative_errors(got, want).max() <= TOLERANCE[dtype]
+        assert (to_numpy(batch.candidate) == per_sample.reshape(-1)).all()
+        assert (to_numpy(batch.sample) == np.repeat(
+            np.arange(3), per_sample.shape[1])).all()
+        assert (to_numpy(batch.target) == np.repeat(
+            labels, per_sample.shape[1])).all()
+
+
+@pytest.mark.parametrize('build, dtype, include_bias', ROW_CASES)
+def test_rows_equal_per_sample_autograd(build, dtype, include_bias):
+    assert_rows_equal_per_sample_autograd(build, dtype, include_bias, np)
 
 
 def test_layout_selects_linear_and_conv_weights_in_module_order():
@@ -315,31 +332,39 @@ def one_error_line(result):
     return lines[0]
 
 
-def test_cli_round_trip_into_a_store(model_files, tmp_path):
+def assert_cli_round_trip(model_files, tmp_path, xp):
+    """``extract --framework torch`` of 3 test digits (all candidates,
+    q = 80) on the CPU (``xp`` numpy) or the GPU (cupy) stores what the
+    NumPy reference sparsifier makes of the source's rows on that device."""
     folder, net = model_files
     out = tmp_path / 'test.h5'
     result = invoke('extract', '--framework', 'torch', '--model',
                     f'{folder}/model.py:small', '--weights',
                     folder / 'small.pt', '--split', 'test', '--subset', 3,
-                    '--candidates', 'all', '--q', 80, '--device', 'cpu',
-                    '--out', out, '--json')
+                    '--candidates', 'all', '--q', 80, '--device',
+                    'cpu' if xp is np else 'gpu', '--out', out, '--json')
     assert result.exit_code == 0, result.output
-    source = TorchSource(net)
+    source = TorchSource(net if xp is np else copy.deepcopy(net).cuda())
     data = load_dataset('mnist', subset=3)
     x, y = data.test
     x = data.eval_transform(x)
-    rows = source.rows(x, y, 'all')
-    want = percentile_sparsify(rows.features, source.layout.block_sizes,
+    rows = source.rows(xp.asarray(x), y, 'all')
+    want = percentile_sparsify(to_numpy(rows.features),
+                               source.layout.block_sizes,
                                80.0).to_scipy().toarray()
     with TangentStore.open(out) as store:
         assert store.layout == source.layout.to_dict()
         assert store.provenance['arch'] == 'torch:small'
         batch = store.read(0, len(store))
-    assert (batch.sample == rows.sample).all()
-    assert (batch.candidate == rows.candidate).all()
+    assert (batch.sample == to_numpy(rows.sample)).all()
+    assert (batch.candidate == to_numpy(rows.candidate)).all()
     assert (batch.target == y.repeat(10)).all()
     np.testing.assert_allclose(batch.csr.to_scipy().toarray(), want,
                                rtol=1e-6, atol=1e-7)
+
+
+def test_cli_round_trip_into_a_store(model_files, tmp_path):
+    assert_cli_round_trip(model_files, tmp_path, np)
 
 
 @pytest.mark.parametrize('factory, weights, message', [
