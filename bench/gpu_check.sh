@@ -126,6 +126,15 @@ step bench-store 150 "$PY" bench/bench_store.py --device gpu \
     --out "$OUT/store-$gpu.json"
 step bench-geodesic 150 "$PY" bench/bench_geodesic.py --device gpu \
     --out "$OUT/geodesic-$gpu.json"
+# which launch the kernels' time goes to (Nsight Compute where present)
+if command -v ncu >/dev/null; then
+    step profile 240 ncu --profile-from-start off --section SpeedOfLight \
+        --section LaunchStats --section Occupancy "$PY" bench/profile_kernels.py
+else
+    echo "=== ncu: not on this machine, wall times only" | tee -a "$LOG"
+    step profile 60 "$PY" bench/profile_kernels.py
+fi
+
 # the README's quickstart end to end on the GPU (embedded MNIST), each
 # command a step: the log's step times are its wall times
 QS=$(mktemp -d)
