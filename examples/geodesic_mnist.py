@@ -7,7 +7,8 @@ Three parts, each printing a table (and writing it to --out):
     embedded MNIST (4,000 digits) and tested on its test split (1,000).
     For every --sparsities level: the geodesic walk, the fip walk, one-shot
     magnitude pruning, each followed by --finetune-passes passes of masked
-    fine-tuning (0: none), and iterative prune + fine-tune given the
+    fine-tuning (0: none; with --equal-passes one-shot gets the geodesic's
+    total instead), and iterative prune + fine-tune given the
     geodesic's passes (walk + fine-tuning); the final sparse network's test
     accuracy (and before the fine-tuning), passes and wall time per method.
 ``structured`` (the cnn)
@@ -23,7 +24,8 @@ Three parts, each printing a table (and writing it to --out):
     that keeps the weights aligned); paths from w1 toward w2: geodesic and
     fip (metric on MNIST inputs only), the straight line, and sequential
     fine-tuning of w1 on Fashion-MNIST. For each, the best point by
-    min(MNIST, Fashion-MNIST) test accuracy.
+    min(MNIST, Fashion-MNIST) test accuracy. The walks and the line move
+    the weights W only, or W and the biases with --task-bias.
 
 Networks are trained once and reused from --nets (default --out; delete
 them to retrain); walks use the training inputs (base + gradnet splits).
@@ -33,7 +35,8 @@ them to retrain); walks use the training inputs (base + gradnet splits).
     python examples/geodesic_mnist.py --out runs/geodesic --parts structured \
         --recover-max 4
     python examples/geodesic_mnist.py --out runs/geodesic --parts task \
-        --fashion-dir /usr/share/datasets/fashion-mnist --fashion-subset 2000
+        --fashion-dir /usr/share/datasets/fashion-mnist --fashion-subset 2000 \
+        --task-bias
 
 (Fashion-MNIST: ``apt-get install dataset-fashion-mnist``.) The commands
 that made the tables of docs/geodesic.rst are listed there.
@@ -86,6 +89,12 @@ def parse_args():
                         help='Masked fine-tuning after the walk or one-shot '
                              'pruning, counted in the passes; prune + '
                              'fine-tune gets the same total.')
+    parser.add_argument('--equal-passes', action='store_true',
+                        help='One-shot pruning is fine-tuned for the '
+                             "geodesic's total passes (walk + "
+                             '--finetune-passes) instead of '
+                             '--finetune-passes, so that it spends as many '
+                             'passes as the geodesic and prune + fine-tune.')
     parser.add_argument('--filters', type=int, default=50)
     parser.add_argument('--cnn-epochs', type=int, default=3)
     parser.add_argument('--structured-methods',
@@ -99,6 +108,10 @@ def parse_args():
     parser.add_argument('--fashion-subset', type=int, default=4000)
     parser.add_argument('--task-epochs', type=float, default=5.0)
     parser.add_argument('--points', type=int, default=21)
+    parser.add_argument('--task-bias', action='store_true',
+                        help='task: the walks and the straight line move '
+                             'the biases too (default: only the weights W; '
+                             'the biases stay at w1\'s).')
     return parser.parse_args()
 
 
@@ -210,12 +223,15 @@ def sparsify(args, device):
                                          rounds=5, evaluate=measure,
                                          seed=args.seed)
             before = measure(model)['accuracy']
-            if method != 'prune-finetune' and args.finetune_passes > 0:
+            tune = ((budget or 0.0) + args.finetune_passes
+                    if method == 'one-shot' and args.equal_passes
+                    else args.finetune_passes)
+            if method != 'prune-finetune' and tune > 0:
                 history = history + finetune(
-                    model, x, y, args.finetune_passes, layout=layout,
+                    model, x, y, tune, layout=layout,
                     mask=get_weights(model, layout) == 0, evaluate=measure,
                     eval_points=1, seed=args.seed, start_passes=passes)
-                passes += args.finetune_passes
+                passes += tune
             final = measure(model)['accuracy']
             w = get_weights(model, layout)
             rows.append({'sparsity': p, 'method': method,
@@ -315,7 +331,7 @@ def task(args, device):
     else:
         finetune(w2_model, xf, yf, args.task_epochs, seed=args.seed)
         save_snapshot(w2_model, w2_path)
-    layout = layout_of(w1_model)
+    layout = layout_of(w1_model, include_bias=args.task_bias)
     w1, w2 = get_weights(w1_model, layout), get_weights(w2_model, layout)
     xm, _ = joined(mnist)
     rows, curves = [], {}

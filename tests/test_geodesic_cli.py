@@ -237,3 +237,43 @@ def test_the_gradnet_cupy_group_serves_the_geodesic_commands():
         assert result.output.startswith(f'Usage: main {command.name}')
     listing = CliRunner().invoke(main, ['--help']).output
     assert 'sparsify-path' in listing and 'task-path' in listing
+
+
+@pytest.mark.parametrize('include_bias', [False, True])
+def test_task_path_moves_the_biases_only_with_include_bias(
+        snapshots, tmp_path, include_bias):
+    """The straight line ends at w2: at w2's biases too with --include-bias,
+    at w1's otherwise (weights W reach w2 either way)."""
+    data = load_dataset('mnist', subset=4)
+    w1 = load_snapshot(build_model('mlp', data.in_shape, 10),
+                       snapshots['mlp1'])
+    w2 = load_snapshot(build_model('mlp', data.in_shape, 10),
+                       snapshots['mlp2'])
+    rng = np.random.default_rng(0)
+    for link in w2.children():
+        link.b.array[...] = rng.normal(size=link.b.shape)
+    to = str(tmp_path / 'to.npz')
+    save_snapshot(w2, to)
+    out = tmp_path / 'run'
+    result = run('task-path', '--from', snapshots['mlp1'], '--to', to,
+                 '--arch', 'mlp', '--new', 'mnist', '--method',
+                 'interpolate', '--points', 2, '--out', out, '--json', *TINY,
+                 *(['--include-bias'] if include_bias else []))
+    assert result.exit_code == 0, result.output
+    final = load_snapshot(build_model('mlp', data.in_shape, 10),
+                          str(out / 'final.npz'))
+    links = list(zip(final.children(), w1.children(), w2.children()))
+    assert links
+    for moved, start, goal in links:
+        np.testing.assert_allclose(moved.W.array, goal.W.array, atol=1e-6)
+        expected = goal.b.array if include_bias else start.b.array
+        np.testing.assert_allclose(moved.b.array, expected, atol=1e-6)
+    summary = json.loads(result.stdout)
+    gap = summary['distance_w1_w2']
+    W_gap = np.sqrt(sum(float(((b.W.array - a.W.array) ** 2).sum())
+                        for _, a, b in links))
+    bias_gap = np.sqrt(sum(float(((b.b.array - a.b.array) ** 2).sum())
+                           for _, a, b in links))
+    assert bias_gap > 0
+    assert gap == pytest.approx(np.hypot(W_gap, bias_gap) if include_bias
+                                else W_gap, rel=1e-5)
