@@ -406,7 +406,7 @@ def plot_q(out, results):
                if any(row['part'] == 'q' for row in r['rows'])]
     if not results:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(9 if len(results) > 1 else 6, 4.5))
     for i, result in enumerate(results):
         rows = [r for r in result['rows'] if r['part'] == 'q']
         settings = result['settings']
@@ -424,7 +424,7 @@ def plot_q(out, results):
                    label=f'{name}base')
     ax.set_xlabel('sparsification percentile q')
     ax.set_ylabel('test accuracy (all candidates)')
-    ax.legend(fontsize='small')
+    ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'accuracy_vs_q.png'), dpi=100)
     plt.close(fig)
