@@ -23,7 +23,9 @@ test store). Settings that only change GradNet share the q = 85 stores.
   ``--wirings`` (diagonal and adjacent);
 - ``normalization``: on the q = 85 stores, GradNet with each method of
   ``--normalizations`` fitted on the training rows (``metric-diagonal``:
-  the diagonal ``G^{-1/2}``, i.e. ``metric`` with the diagonal partition;
+  the diagonal ``G^{-1/2}``, i.e. ``metric`` with the diagonal partition,
+  whose column scales have a per-layer floor:
+  ``gradnet_cupy.normalize.metric.layer_floored``;
   ``metric``: per-unit blocks of at most 256 columns), and each method of
   ``--validation-normalizations`` fitted instead on a held-out validation
   split: ``--validation`` gradnet digits that follow the ``--subset``
