@@ -11,17 +11,21 @@ store) and fits GradNet (``fit_stores``: ``scale_power``, plain SGD lr
 0.01, batch 25, ``--gradnet-epochs``, evaluated with all candidates on the
 test store). Settings that only change GradNet share the q = 85 stores.
 
-- ``q``: the training and test stores extracted at each q of ``--qs``, and
-  at ``q = 1e-6`` for "none": every nonzero gradient entry is kept but at
-  most the smallest one of a layer (``percentile_sparsify`` needs
-  ``0 < q < 100``; ``q -> 0`` keeps every entry above the smallest
-  magnitude, and a ReLU network's zeros are below it);
+- ``q``: the training and test stores extracted at each q of ``--qs``;
+  ``none`` there is no sparsification, extracted at ``q = 1e-6``: every
+  nonzero gradient entry is kept but at most the smallest one of a layer
+  (``percentile_sparsify`` needs ``0 < q < 100``; ``q -> 0`` keeps every
+  entry above the smallest magnitude, and a ReLU network's zeros are
+  below it);
 - ``structure``: hidden units per base layer block (``--structures``,
   e.g. ``5,25,10`` and ``20,400,100`` for the cnn's three layers; ``auto``:
-  130 in proportion to the blocks), each with diagonal and adjacent wiring;
+  130 in proportion to the blocks), each with every wiring of
+  ``--wirings`` (diagonal and adjacent);
 - ``normalization``: on the q = 85 stores, GradNet with each method of
   ``--normalizations`` fitted on the training rows (``metric-diagonal``:
-  the diagonal ``G^{-1/2}``, i.e. ``metric`` with the diagonal partition;
+  the diagonal ``G^{-1/2}``, i.e. ``metric`` with the diagonal partition,
+  whose column scales have a per-layer floor:
+  ``gradnet_cupy.normalize.metric.layer_floored``;
   ``metric``: per-unit blocks of at most 256 columns), and each method of
   ``--validation-normalizations`` fitted instead on a held-out validation
   split: ``--validation`` gradnet digits that follow the ``--subset``
@@ -35,9 +39,18 @@ Data: ``--subset N`` keeps the first N digits of the base and gradnet
 splits, ``--test-subset M`` the first M test digits (default N); the
 validation digits are gradnet digits N .. N + V - 1.
 
+The base is trained into ``--out/base`` unless that folder holds one
+already or ``--base DIR`` names a base folder to use instead. Stores are
+written into ``--out`` and deleted after use (unless
+``--keep-stores``); a finished store of the same
+extraction found there (same snapshot file, settings and data) is used as
+it is (``StoreWriter.create_or_resume``), so runs that share ``--base``
+can share stores through hard links into their ``--out``.
+
 Writes ``--out/ablations.json`` (settings, data sizes, every row with its
-accuracy, store sizes and wall time) and ``ablations.rst`` (the tables) and
-``accuracy_vs_q.png``; prints the tables. Stores are deleted after use.
+accuracy, store sizes, wall and CPU seconds; rewritten after every row,
+``finished`` false until the end) and ``ablations.rst`` (the tables) and
+``accuracy_vs_q.png``; prints the tables.
 
 Example (the embedded MNIST, a subset)::
 
@@ -52,12 +65,14 @@ import time
 from gradnet_cupy import gradnet
 from gradnet_cupy.data import load_dataset
 from gradnet_cupy.extract import extract_to_store, model_provenance
+from gradnet_cupy.files import atomic_write
 from gradnet_cupy.options import (MetricOptions, NetOptions,
                                   NormalizeOptions, TrainOptions)
 from gradnet_cupy.tangent import parameter_layout
 from gradnet_cupy.train_base import load_base, train_base
 
 NO_SPARSIFICATION_Q = 1e-6
+NOT_EXTRACTED = (0.0, 0.0)    # (wall, CPU) seconds of a row on reused stores
 PARTS = ('q', 'structure', 'normalization', 'candidates')
 # --normalizations names beyond the package's methods
 NORMALIZATIONS = {'metric-diagonal': NormalizeOptions(
@@ -87,12 +102,19 @@ def parse_args(argv=None):
     parser.add_argument('--arch', default='cnn')
     parser.add_argument('--base-epochs', type=int, default=1)
     parser.add_argument('--gradnet-epochs', type=int, default=3)
-    parser.add_argument('--qs', default='99,95,90,85,80,70',
-                        help='Comma-separated percentiles; "none" (no '
-                             'sparsification) is always added.')
+    parser.add_argument('--base', default=None, metavar='DIR',
+                        help='Use the base trained into DIR (its last '
+                             'snapshot) instead of --out/base.')
+    parser.add_argument('--qs', default='99,95,90,85,80,70,none',
+                        help='Comma-separated percentiles and "none" (no '
+                             'sparsification).')
     parser.add_argument('--structures', default='auto,5,25,10,20,400,100',
                         help='Comma-separated: "auto" and groups of as '
                              'many integers as the base has layers.')
+    parser.add_argument('--wirings', default='diagonal,adjacent',
+                        help='The wirings of the structure part.')
+    parser.add_argument('--keep-stores', action='store_true',
+                        help='Keep the stores in --out after use.')
     parser.add_argument('--parts', default=','.join(PARTS))
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cpu')
@@ -150,6 +172,27 @@ def head(split, start, stop):
     return x[start:stop], y[start:stop]
 
 
+def parse_qs(text):
+    """'90,none' -> [90.0, NO_SPARSIFICATION_Q]."""
+    try:
+        return [NO_SPARSIFICATION_Q if q == 'none' else float(q)
+                for q in text.split(',')]
+    except ValueError:
+        raise SystemExit(f'--qs: {text!r} is not a comma-separated list of '
+                         'percentiles and "none"') from None
+
+
+class Clock:
+    """Wall and CPU seconds (of this process, all threads) since it was
+    made: ``clock.seconds() -> (wall, cpu)``."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def seconds(self):
+        return time.time() - self.wall, time.process_time() - self.cpu
+
+
 class Runner:
     """Extracts stores and fits GradNet for one base snapshot."""
 
@@ -160,8 +203,9 @@ class Runner:
     def stores(self, q, train_candidates='random',
                splits=('gradnet', 'test')):
         """({split: store path}, {train_rows, train_density, test_rows,
-        test_density}, seconds) of the ``splits`` extracted at ``q``."""
-        start = time.time()
+        test_density}, (wall, CPU) seconds) of the ``splits`` extracted at
+        ``q``."""
+        clock = Clock()
         paths, sizes = {}, {}
         for split, candidates in (('gradnet', train_candidates),
                                   ('test', 'all')):
@@ -171,7 +215,7 @@ class Runner:
             paths[split], sizes[f'{name}_rows'], \
                 sizes[f'{name}_density'] = self.extract(
                     split, getattr(self.data, split), candidates, q)
-        return paths, sizes, time.time() - start
+        return paths, sizes, clock.seconds()
 
     def extract(self, split, samples, candidates, q):
         """(store path, rows, density) of ``samples`` (``(x, y)``, called
@@ -189,8 +233,8 @@ class Runner:
 
     def fit(self, paths, hidden=None, wiring='diagonal',
             normalize=NormalizeOptions()):
-        """(test accuracy, hidden sizes, seconds)."""
-        start = time.time()
+        """(test accuracy, hidden sizes, (wall, CPU) seconds)."""
+        clock = Clock()
         model, _, history = gradnet.fit_stores(
             paths['gradnet'], paths['test'], normalize,
             NetOptions(hidden=hidden, wiring=wiring, seed=self.args.seed),
@@ -198,12 +242,15 @@ class Runner:
                          seed=self.args.seed),
             self.args.device, progress=False)
         return (history[-1]['test_accuracy'], list(model.hidden_sizes),
-                time.time() - start)
+                clock.seconds())
 
 
-def remove(paths):
-    for path in paths.values():
-        os.remove(path)
+def remove(paths, args):
+    """Deletes the stores ``paths`` (a dict of paths) unless
+    ``--keep-stores``."""
+    if not args.keep_stores:
+        for path in paths.values():
+            os.remove(path)
 
 
 def main(argv=None):
@@ -215,30 +262,43 @@ def main(argv=None):
             with open(path) as f:
                 results.append(json.load(f))
         return plot_q(args.out, results)
-    started = time.time()
+    clock = Clock()
+    qs = parse_qs(args.qs)
     data, validation = split_data(
         load_dataset(args.dataset, args.data_dir), args)
-    base_folder = os.path.join(args.out, 'base')
+    base_folder = args.base or os.path.join(args.out, 'base')
     if not os.path.exists(os.path.join(base_folder, 'snapshots.json')):
+        if args.base:
+            raise SystemExit(f'--base {args.base}: no base was trained '
+                             'there (no snapshots.json)')
         train_base(data, args.arch, base_folder, epochs=args.base_epochs,
                    seed=args.seed, device=args.device, progress=False)
     base, _, record = load_base(base_folder, device=args.device)
     layout = parameter_layout(base)
     runner = Runner(args, data, base, layout, record)
     parts = args.parts.split(',')
-    qs = [float(q) for q in args.qs.split(',')] + [NO_SPARSIFICATION_Q]
     if 85.0 not in qs and {'structure', 'normalization',
                            'candidates'} & set(parts):
         qs.append(85.0)
     rows = []
+    result = {'settings': vars(args), 'base_test_accuracy':
+              record['test_accuracy'], 'base_snapshot': record['path'],
+              'data': {**{split: len(getattr(data, split)[1])
+                          for split in ('base', 'gradnet', 'test')},
+                       'validation': 0 if validation is None
+                       else len(validation[1])},
+              'finished': False, 'rows': rows}
 
     def add(part, setting, paths, sizes, extract_s, **fit_args):
         accuracy, hidden, fit_s = runner.fit(paths, **fit_args)
         rows.append({'part': part, 'setting': setting, 'gradnet': accuracy,
                      'hidden_sizes': hidden, **sizes,
-                     'extract_s': round(extract_s, 1),
-                     'fit_s': round(fit_s, 1)})
+                     'extract_s': round(extract_s[0], 1),
+                     'extract_cpu_s': round(extract_s[1], 1),
+                     'fit_s': round(fit_s[0], 1),
+                     'fit_cpu_s': round(fit_s[1], 1)})
         print(json.dumps(rows[-1]), flush=True)
+        write_json(args.out, result)
 
     for q in qs:
         wanted = (q == 85.0 and {'structure', 'normalization',
@@ -252,27 +312,23 @@ def main(argv=None):
         if q == 85.0 and 'structure' in parts:
             for hidden in parse_structures(args.structures,
                                            len(layout.block_sizes)):
-                for wiring in ('diagonal', 'adjacent'):
+                for wiring in args.wirings.split(','):
                     label = 'auto 130' if hidden is None else '+'.join(
                         map(str, hidden))
-                    add('structure', f'{label}, {wiring}', paths, sizes, 0.0,
-                        hidden=hidden, wiring=wiring)
+                    add('structure', f'{label}, {wiring}', paths, sizes,
+                        NOT_EXTRACTED, hidden=hidden, wiring=wiring)
         if q == 85.0 and 'normalization' in parts:
             normalization_rows(runner, add, args, paths, sizes, validation)
         if q == 85.0 and 'candidates' in parts:
-            add('candidates', 'random (1 per sample)', paths, sizes, 0.0)
+            add('candidates', 'random (1 per sample)', paths, sizes,
+                NOT_EXTRACTED)
             train, train_sizes, train_s = runner.stores(q, 'all', ('gradnet',))
             add('candidates', 'all (C per sample)',
                 dict(paths, **train), dict(sizes, **train_sizes), train_s)
-            remove(train)
-        remove(paths)
-    result = {'settings': vars(args), 'base_test_accuracy':
-              record['test_accuracy'],
-              'data': {**{split: len(getattr(data, split)[1])
-                          for split in ('base', 'gradnet', 'test')},
-                       'validation': 0 if validation is None
-                       else len(validation[1])},
-              'wall_s': round(time.time() - started, 1), 'rows': rows}
+            remove(train, args)
+        remove(paths, args)
+    wall, cpu = clock.seconds()
+    result.update(finished=True, wall_s=round(wall, 1), cpu_s=round(cpu, 1))
     write(args.out, result)
     return result
 
@@ -288,34 +344,41 @@ def normalization_rows(runner, add, args, paths, sizes, validation):
             fit_store=fit_store)
 
     for name in filter(None, args.normalizations.split(',')):
-        add('normalization', f'{name}, training rows', paths, sizes, 0.0,
-            normalize=options(name))
+        add('normalization', f'{name}, training rows', paths, sizes,
+            NOT_EXTRACTED, normalize=options(name))
     names = list(filter(None, args.validation_normalizations.split(',')))
     if not names:
         return
-    start = time.time()
+    clock = Clock()
     path, rows, density = runner.extract('validation', validation, 'random',
                                          85.0)
-    extract_s = time.time() - start
+    extract_s = clock.seconds()
     for name in names:
         add('normalization', f'{name}, validation rows ({rows:,})', paths,
             dict(sizes, validation_rows=rows, validation_density=density),
             extract_s, normalize=options(name, path))
-        extract_s = 0.0
-    os.remove(path)
+        extract_s = NOT_EXTRACTED
+    remove({'validation': path}, args)
+
+
+def write_json(out, result):
+    """``out/ablations.json`` of ``result``, replaced atomically."""
+    atomic_write(os.path.join(out, 'ablations.json'), lambda f: f.write(
+        json.dumps(result, indent=1).encode()))
 
 
 def write(out, result):
-    with open(os.path.join(out, 'ablations.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    write_json(out, result)
     base = result['base_test_accuracy']
     head = ('part', 'setting', 'GradNet', 'vs base', 'train rows',
-            'train density', 'test rows', 'extract s', 'fit s')
+            'train density', 'test rows', 'extract s', 'extract CPU s',
+            'fit s', 'fit CPU s')
     table = [head] + [(
         r['part'], r['setting'], f"{r['gradnet']:.4f}",
         f"{r['gradnet'] - base:+.4f}", f"{r['train_rows']:,}",
         f"{r['train_density']:.4f}", f"{r['test_rows']:,}",
-        f"{r['extract_s']:.0f}", f"{r['fit_s']:.0f}")
+        f"{r['extract_s']:.0f}", f"{r['extract_cpu_s']:.0f}",
+        f"{r['fit_s']:.0f}", f"{r['fit_cpu_s']:.0f}")
         for r in result['rows']]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     rule = '  '.join('=' * w for w in widths)
@@ -328,7 +391,7 @@ def write(out, result):
     with open(os.path.join(out, 'ablations.rst'), 'w') as f:
         f.write(text + '\n')
     print(f'base test accuracy {base:.4f}; data {result["data"]}; '
-          f'wall {result["wall_s"]} s')
+          f'wall {result["wall_s"]} s, CPU {result["cpu_s"]} s')
     print(text)
     plot_q(out, [result])
 
@@ -345,7 +408,7 @@ def plot_q(out, results):
                if any(row['part'] == 'q' for row in r['rows'])]
     if not results:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(9 if len(results) > 1 else 6, 4.5))
     for i, result in enumerate(results):
         rows = [r for r in result['rows'] if r['part'] == 'q']
         settings = result['settings']
@@ -363,7 +426,7 @@ def plot_q(out, results):
                    label=f'{name}base')
     ax.set_xlabel('sparsification percentile q')
     ax.set_ylabel('test accuracy (all candidates)')
-    ax.legend(fontsize='small')
+    ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(out, 'accuracy_vs_q.png'), dpi=100)
     plt.close(fig)

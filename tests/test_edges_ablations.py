@@ -21,7 +21,7 @@ def test_tiny_ablation_writes_every_part(tmp_path):
     ablations = load_example()
     out = tmp_path / 'abl'
     result = ablations.main(['--subset', '12', '--gradnet-epochs', '1',
-                             '--qs', '90', '--structures', 'auto,2,3,4',
+                             '--qs', '90,none', '--structures', 'auto,2,3,4',
                              '--test-subset', '10', '--validation', '6',
                              '--normalizations', 'none,metric-diagonal',
                              '--out', str(out)])
@@ -48,6 +48,10 @@ def test_tiny_ablation_writes_every_part(tmp_path):
     assert rows['structure', '2+3+4, diagonal']['hidden_sizes'] == [2, 3, 4]
     assert result['data'] == {'base': 12, 'gradnet': 12, 'test': 10,
                               'validation': 6}
+    assert result['finished'] and result['cpu_s'] > 0
+    assert all(r['fit_cpu_s'] > 0 for r in result['rows'])
+    assert rows['q', 'q = 90']['extract_cpu_s'] > 0
+    assert rows['structure', 'auto 130, diagonal']['extract_cpu_s'] == 0
     with open(out / 'ablations.json') as f:
         assert json.load(f)['rows'] == result['rows']
     assert (out / 'ablations.rst').read_text().count('\n') == 3 + 13 + 1
@@ -58,3 +62,33 @@ def test_tiny_ablation_writes_every_part(tmp_path):
                     str(out / 'ablations.json'), '--out', str(combined)])
     assert os.listdir(combined) == ['accuracy_vs_q.png']
     assert (combined / 'accuracy_vs_q.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_shared_base_and_hard_linked_stores_are_reused(tmp_path):
+    """A second run with --base of the first one's base and hard links to
+    its kept stores fits on those very stores (no extraction: the same
+    accuracy, its stores are removed but the first run's stay) and trains
+    no base of its own; --wirings picks the structure part's wirings."""
+    ablations = load_example()
+    common = ['--subset', '12', '--test-subset', '10', '--gradnet-epochs',
+              '1']
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    one = ablations.main(common + ['--parts', 'q', '--qs', '85',
+                                   '--keep-stores', '--out', str(first)])
+    stores = sorted(n for n in os.listdir(first) if n.endswith('.h5'))
+    assert stores == ['gradnet-q85-random.h5', 'test-q85-all.h5']
+    second.mkdir()
+    for name in stores:
+        os.link(first / name, second / name)
+    two = ablations.main(common + [
+        '--parts', 'q,structure', '--qs', '85', '--structures', 'auto',
+        '--wirings', 'adjacent', '--base', str(first / 'base'),
+        '--out', str(second)])
+    assert not (second / 'base').exists()
+    assert two['base_snapshot'] == one['base_snapshot']
+    assert [(r['part'], r['setting']) for r in two['rows']] == [
+        ('q', 'q = 85'), ('structure', 'auto 130, adjacent')]
+    assert two['rows'][0]['gradnet'] == one['rows'][0]['gradnet']
+    assert two['rows'][0]['extract_cpu_s'] < one['rows'][0]['extract_cpu_s']
+    assert not [n for n in os.listdir(second) if n.endswith('.h5')]
+    assert sorted(n for n in os.listdir(first) if n.endswith('.h5')) == stores

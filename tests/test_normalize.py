@@ -241,30 +241,65 @@ def test_scale_power_is_fitted_on_the_named_store(split_stores, which):
         rtol=1e-5)
 
 
-def test_diagonal_metric_is_fitted_on_the_named_store(split_stores):
-    """``metric`` with the diagonal partition fitted on the validation
-    store: a training row becomes ``t / sqrt(G_jj (1 + damping))`` with
-    ``G_jj`` the mean of ``t_j^2`` over the *validation* rows, then
-    re-sparsified per layer block at the store's q (dense oracle)."""
-    damping = 0.01
+def floored_scale(fit_rows, damping, segments=(15, 6)):
+    """Oracle of the diagonal metric's column factor: ``((M_jj + damping
+    * mean of M over j's layer segment) (1 + damping))^{-1/2}`` with
+    ``M_jj`` the mean of ``t_j^2`` over ``fit_rows`` (float64)."""
+    second = (fit_rows.astype(np.float64) ** 2).mean(axis=0)
+    floor = np.concatenate([np.full(n, part.mean()) for n, part in zip(
+        segments, np.split(second, np.cumsum(segments)[:-1]))])
+    return ((second + damping * floor) * (1 + damping)) ** -0.5
+
+
+def fit_diagonal(split_stores, damping, fit_store):
+    """The metric normalizer (diagonal partition) of fit_stores on the
+    train and test stores, fitted on ``fit_store``."""
     _, normalizer, _ = fit_stores(
         split_stores['train'], split_stores['test'],
         NormalizeOptions('metric', metric=MetricOptions(
-            partition='diagonal', damping=damping),
-            fit_store=split_stores['validation']),
+            partition='diagonal', damping=damping), fit_store=fit_store),
         NetOptions(hidden=(2, 2)), TrainOptions(epochs=1, eval_every=0),
         'cpu', progress=False)
-    validation = store_dense(split_stores['validation']).astype(np.float64)
+    return normalizer
+
+
+def test_diagonal_metric_is_fitted_on_the_named_store(split_stores):
+    """``metric`` with the diagonal partition fitted on the validation
+    store: a training row becomes ``t_j`` times :func:`floored_scale` of
+    the *validation* rows, then re-sparsified per layer block at the
+    store's q (dense oracle)."""
+    damping = 0.01
+    normalizer = fit_diagonal(split_stores, damping,
+                              split_stores['validation'])
+    validation = store_dense(split_stores['validation'])
     train = store_dense(split_stores['train'])
-    second = (validation ** 2).mean(axis=0)
-    want = kept_oracle(train / np.sqrt(second * (1 + damping)), 85.0,
+    want = kept_oracle(train * floored_scale(validation, damping), 85.0,
                        [15, 6])
     got = normalizer(csr_of(train)).to_scipy().toarray()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    on_train = kept_oracle(
-        train / np.sqrt((train.astype(np.float64) ** 2).mean(axis=0)
-                        * (1 + damping)), 85.0, [15, 6])
+    on_train = kept_oracle(train * floored_scale(train, damping), 85.0,
+                           [15, 6])
     assert not np.allclose(got, on_train, rtol=1e-2)
+
+
+def test_diagonal_metric_floors_a_rarely_kept_column(split_stores,
+                                                     tmp_path):
+    """A column that the fitting rows keep once, tiny, gets the layer's
+    floor, not ``1 / sqrt(M_jj)``: its factor is at most ``(damping *
+    layer mean)^{-1/2}`` and equals the oracle (without the floor it
+    would be about 4.5e4 and GradNet's inputs blow up)."""
+    damping = 1e-3
+    rare = store_dense(split_stores['validation'])
+    rare[:, 3] = 0
+    rare[0, 3] = 1e-4
+    path = write_split_store(tmp_path / 'rare.h5', rare, 'random')
+    normalizer = fit_diagonal(split_stores, damping, path)
+    scale = normalizer.metric.inverse_sqrt()     # one 1 x 1 block a column
+    want = floored_scale(rare, damping)
+    np.testing.assert_allclose(scale, want, rtol=1e-5)
+    layer_mean = (rare[:, :15].astype(np.float64) ** 2).mean()
+    assert scale[3] <= (damping * layer_mean) ** -0.5
+    assert scale[3] < 100 * np.median(scale[:15])
 
 
 def test_cli_fit_normalize_store_and_mismatch(split_stores, tmp_path):

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from gradnet_cupy.backend import to_numpy
 from gradnet_cupy.kernels.sparsify import check_q
 from gradnet_cupy.metric import BlockMetric, feature_metric, load_store_metric
 from gradnet_cupy.normalize.protocol import Normalizer
@@ -86,8 +87,12 @@ class MetricNormalizer(Normalizer):
     @classmethod
     def from_accumulated(cls, metric, q, damping=1e-3):
         """The normalizer of a :class:`BlockMetric` that holds the training
-        rows' sums, finalized here with relative ``damping``."""
+        rows' sums, finalized here with relative ``damping``; a diagonal
+        metric (every block one column) is first floored per layer by
+        :func:`layer_floored`."""
         check_q(q)
+        if metric.diagonal:
+            metric = layer_floored(metric, damping)
         return cls(metric.finalize(damping, relative=True), q)
 
     def __call__(self, csr):
@@ -125,6 +130,33 @@ class MetricNormalizer(Normalizer):
         """An empty :func:`~gradnet_cupy.metric.feature_metric` with the
         blocks of ``options.metric``, on ``device``."""
         return _empty_metric(layout, options.metric, device)
+
+
+def layer_floored(metric, damping):
+    """A copy of the diagonal ``metric`` (a :class:`BlockMetric` whose
+    blocks are single columns, not finalized) whose mean diagonal carries a
+    floor per re-sparsification segment (the base network's layer blocks):
+    ``M_jj + damping * mean(M_ii, i in j's segment)`` with ``M = G /
+    weight_sum``, the mean over all of the segment's columns (a segment no
+    row touched stays zero and so passes through unchanged).
+
+    Why: the relative damping of a one-column block is ``damping * M_jj``,
+    which only rescales the column by ``(1 + damping)^{-1/2}``, so a column
+    that the fitting rows keep rarely and small gets an unbounded scale
+    (fitted on a held-out split, some training rows' entries grew 10^4-fold
+    and GradNet diverged: docs/reproductions.rst). With the floor, a layer's
+    largest scale is ``(damping * its mean M_jj)^{-1/2}``.
+    """
+    bounds = np.cumsum(metric.segment_sizes)
+    segment = np.searchsorted(bounds, metric.blocks.starts, side='right')
+    mean = to_numpy(metric.G) / metric.weight_sum     # (k,): G_b is 1 x 1
+    layer_mean = np.bincount(segment, mean, len(bounds)) / \
+        metric.segment_sizes
+    floored = BlockMetric(metric.blocks, metric.segment_sizes, metric.device)
+    floored.G = metric.G + metric.xp.asarray(
+        damping * metric.weight_sum * layer_mean[segment])
+    floored.weight_sum, floored.source = metric.weight_sum, metric.source
+    return floored
 
 
 def _empty_metric(layout, metric_options, device):
