@@ -57,6 +57,7 @@ from gradnet_cupy.geodesic import (MagnitudeTarget, StructuredTarget,
                                    WalkSettings, WeightsTarget, finetune,
                                    get_weights, interpolate, layout_of,
                                    one_shot, prune_finetune, walk)
+from gradnet_cupy.geodesic.step import BLOCK_PARTITIONS, SOLVERS
 from gradnet_cupy.geodesic.plots import plot_sparsify, plot_task_path
 from gradnet_cupy.train_base import (evaluate, load_base, load_snapshot,
                                      save_snapshot, train_base)
@@ -82,6 +83,16 @@ def parse_args():
     parser.add_argument('--beta', type=float, default=1.0)
     parser.add_argument('--eps', type=float, default=0.01)
     parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--solver', default='exact', choices=SOLVERS,
+                        help='Step solver of the geodesic walk: exact '
+                             '(Woodbury, metric of rank B*10) or block '
+                             '(block-diagonal metric, full rank per block).')
+    parser.add_argument('--partition', default='per_unit',
+                        choices=BLOCK_PARTITIONS,
+                        help='Blocks of --solver block.')
+    parser.add_argument('--max-block', type=int, default=256,
+                        help='Longest block of --solver block (longer ones '
+                             'are cut).')
     parser.add_argument('--max-steps', type=int, default=400)
     parser.add_argument('--pull', type=float, default=1.0)
     parser.add_argument('--eval-every', type=int, default=20)
@@ -142,6 +153,8 @@ def accuracy(data, device, name='accuracy'):
 def settings(args, method, **extra):
     return WalkSettings(method=method, beta=args.beta, eps=args.eps,
                         batch=args.batch, max_steps=args.max_steps,
+                        solver=args.solver, partition=args.partition,
+                        max_block=args.max_block,
                         pull=args.pull, eval_every=args.eval_every,
                         seed=args.seed, **extra)
 

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / 'examples' / 'geodesic_mnist.py'
@@ -40,3 +41,27 @@ def test_equal_passes_gives_one_shot_the_geodesic_total(nets, tmp_path,
                                                        else 0.05)
     for row in rows.values():
         assert row['zeros'] == pytest.approx(0.7, abs=0.01)
+
+
+def test_solver_options_reach_the_walk(nets, tmp_path):
+    """--solver block (--partition, --max-block) changes the walk's steps;
+    the same settings give the same walk."""
+    def mus(name, *extra):
+        out = tmp_path / name
+        subprocess.run(
+            [sys.executable, str(EXAMPLE), '--nets', str(nets), '--out',
+             str(out), '--parts', 'sparsify', '--device', 'cpu',
+             '--base-epochs', '1', '--sparsities', '0.7', '--methods',
+             'geodesic', '--max-steps', '2', '--batch', '2',
+             '--eval-every', '0', *extra], check=True, capture_output=True)
+        history = json.loads((out / 'walk_geodesic_0.7.json').read_text())[
+            'history']
+        return [h['mu'] for h in history if 'mu' in h]
+
+    exact = mus('exact')
+    block = ['--solver', 'block', '--partition', 'per_unit']
+    small, large = mus('small', *block, '--max-block', '8'), mus(
+        'large', *block, '--max-block', '64')
+    assert len(exact) == len(small) == len(large) == 2
+    assert small == mus('again', *block, '--max-block', '8')
+    assert not np.allclose(exact, small) and not np.allclose(small, large)
