@@ -8,10 +8,15 @@ blocks capped at --max-block), --steps walk steps of --batch inputs are
 timed: steps per second and the seconds per step spent in the logit
 Jacobian, the solve and the weight update (the walk's own split; the
 direction toward the target, the projection and the bookkeeping make up
-the rest of ``total``). One step is run first as warm-up. The block solver
-also reports how far its steps are from the exact ones on one batch:
-``1 - cos`` of the angle between the two ``theta`` and the ratio of their
-``theta^T g theta`` under the exact metric.
+the rest of ``total``). One step is run first as warm-up. The exact solver
+is timed twice, with 003's step and with the anchored one (``anchor=1``:
+two more forward passes of the batch per step). The block solver also
+reports how far its steps are from the exact ones on one batch: ``1 - cos``
+of the angle between the two ``theta`` and the ratio of their
+``theta^T g theta`` under the exact metric; and the seconds one
+accumulation of its blocks ``J_b^T J_b`` takes by each method
+(``kernel``: ``block_outer_accumulate``, on the CPU its NumPy reference;
+``dense``: a batched float64 BLAS product).
 
 Writes bench/results/geodesic-<device>.json (or ``--out``). Runs unchanged
 on a GPU.
@@ -46,13 +51,14 @@ def on_device(model, device):
     return model
 
 
-def time_walk(arch, solver, inputs, args, device):
+def time_walk(arch, solver, anchor, inputs, args, device):
     data_shape = inputs.shape[1:]
     model = on_device(build_model(arch, data_shape, 10, 0), device)
     layout = layout_of(model)
     target = MagnitudeTarget(layout, 0.7)
     settings = WalkSettings(solver=solver, partition='per_unit',
                             max_block=args.max_block, batch=args.batch,
+                            anchor=anchor,
                             max_steps=1, eval_every=0, project_at_end=False)
     walk(model, layout, target, inputs, settings)               # warm-up
     model = on_device(build_model(arch, data_shape, 10, 0), device)
@@ -62,7 +68,8 @@ def time_walk(arch, solver, inputs, args, device):
     result = walk(model, layout, target, inputs, settings)
     total = time.perf_counter() - start
     per_step = {k: v / result.steps for k, v in result.timing.items()}
-    return {'arch': arch, 'solver': solver, 'n_params': layout.n_params,
+    return {'arch': arch, 'solver': solver, 'anchor': anchor,
+            'n_params': layout.n_params,
             'rows': args.batch * 10, 'steps': result.steps,
             'steps_per_s': result.steps / total,
             'seconds_per_step': {**per_step, 'total': total / result.steps}}
@@ -78,7 +85,17 @@ def block_vs_exact(arch, inputs, args, device):
     J = J.reshape(-1, J.shape[-1]) / np.sqrt(args.batch)
     v, _ = MagnitudeTarget(layout, 0.7).direction(get_weights(model, layout))
     exact = exact_step(J, v)
-    block = BlockSolver(layout, 'per_unit', args.max_block)(J, v)
+    block_solver = BlockSolver(layout, 'per_unit', args.max_block)
+    block = block_solver(J, v)
+    gram_seconds = {}
+    for method in ('kernel', 'dense'):
+        solver = BlockSolver(layout, 'per_unit', args.max_block, method)
+        solver.gram_blocks(J)                                   # warm-up
+        start = time.perf_counter()
+        solver.gram_blocks(J)
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+        gram_seconds[method] = time.perf_counter() - start
 
     def quad(theta):
         Jt = (J @ theta.astype(J.dtype)).astype(np.float64)
@@ -88,7 +105,9 @@ def block_vs_exact(arch, inputs, args, device):
             block.theta)))
     return {'arch': arch, 'one_minus_cos': 1 - cos,
             'quad_block_over_exact': quad(block.theta) / quad(exact.theta),
-            'mu_exact': exact.mu, 'mu_block': block.mu}
+            'mu_exact': exact.mu, 'mu_block': block.mu,
+            'n_blocks': len(block_solver.blocks),
+            'gram_seconds': gram_seconds}
 
 
 def main():
@@ -106,12 +125,14 @@ def main():
     inputs = data.eval_transform(data.base[0]).astype(np.float32)
     rows, agreement = [], []
     for arch in args.archs.split(','):
-        for solver in ('exact', 'block'):
-            row = time_walk(arch, solver, inputs, args, device)
+        for solver, anchor in (('exact', 0.0), ('exact', 1.0),
+                               ('block', 0.0)):
+            row = time_walk(arch, solver, anchor, inputs, args, device)
             rows.append(row)
             split = ', '.join(f'{k} {v:.3f}' for k, v in
                               row['seconds_per_step'].items())
-            print(f"{arch} {solver}: {row['steps_per_s']:.3f} steps/s "
+            print(f"{arch} {solver} anchor {anchor}: "
+                  f"{row['steps_per_s']:.3f} steps/s "
                   f"(s/step: {split})", flush=True)
         agreement.append(block_vs_exact(arch, inputs, args, device))
         print(f'{arch} block vs exact: {agreement[-1]}', flush=True)

@@ -95,6 +95,14 @@ def parse_args():
                              'are cut).')
     parser.add_argument('--max-steps', type=int, default=400)
     parser.add_argument('--pull', type=float, default=1.0)
+    parser.add_argument('--threshold', type=float, default=0.01,
+                        help='Walks stop when the distance to the target '
+                             'falls below this (003: 0.01), then project.')
+    parser.add_argument('--anchor', type=float, default=0.0,
+                        help='Geodesic walks: weight of the drift from the '
+                             "starting network's outputs in the step QP (0: "
+                             "003's step; 1: the Gauss-Newton model; "
+                             'docs/geodesic.rst).')
     parser.add_argument('--eval-every', type=int, default=20)
     parser.add_argument('--finetune-passes', type=float, default=0.0,
                         help='Masked fine-tuning after the walk or one-shot '
@@ -151,7 +159,9 @@ def accuracy(data, device, name='accuracy'):
 
 
 def settings(args, method, **extra):
+    anchor = args.anchor if method == 'geodesic' else 0.0
     return WalkSettings(method=method, beta=args.beta, eps=args.eps,
+                        anchor=anchor, threshold=args.threshold,
                         batch=args.batch, max_steps=args.max_steps,
                         solver=args.solver, partition=args.partition,
                         max_block=args.max_block,

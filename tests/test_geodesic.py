@@ -11,7 +11,7 @@ from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.geodesic import (
     BlockSolver, MagnitudeTarget, StructuredTarget, WalkSettings,
-    WeightsTarget, exact_step, get_weights, interpolate, layout_of,
+    WeightsTarget, anchored_direction, exact_step, get_weights, interpolate, layout_of,
     one_shot, prune_finetune, same_architecture, set_weights, solve_mu,
     walk)
 from gradnet_cupy.tangent import logit_jacobian
@@ -163,6 +163,34 @@ def test_step_moves_toward_target_keeping_outputs_better_than_straight():
     assert target.distance(w + step.theta) < distance
 
 
+@pytest.mark.parametrize('beta', [0.1, 1.0])
+def test_anchored_step_equals_dense_solve_of_the_anchored_qp(beta):
+    model = Tiny()
+    J = jacobian_rows(model, inputs(3))
+    rng = np.random.default_rng(8)
+    v = unit(rng.normal(size=J.shape[1]))
+    drift = rng.normal(size=J.shape[0]) * 0.1
+    step = exact_step(J, anchored_direction(J, v, drift, beta), beta, EPS)
+    n = J.shape[1]                       # KKT: (g + mu I) theta = b v/2 - J^T r
+    oracle = np.linalg.solve(J.T @ J + step.mu * np.eye(n),
+                             beta / 2 * v - J.T @ drift)
+    assert rel(step.theta, oracle) <= 1e-10
+    assert abs(step.norm2 / EPS - 1) <= 1e-6
+
+    def anchored(theta):                 # the anchored QP's objective
+        return np.sum((J @ theta + drift) ** 2) - beta * theta @ v
+    plain = exact_step(J, v, beta, EPS)  # also on the sphere, not optimal
+    assert anchored(step.theta) < anchored(plain.theta)
+
+
+def test_anchored_direction_refuses_a_bad_drift():
+    J = np.ones((4, 6))
+    with pytest.raises(GradnetError, match='one entry per row'):
+        anchored_direction(J, np.ones(6), np.ones(3), 1.0)
+    with pytest.raises(GradnetError, match='drift has non-finite'):
+        anchored_direction(J, np.ones(6), np.array([0, np.nan, 0, 0]), 1.0)
+
+
 # ---------------------------------------------------------------- targets
 
 def test_weight_vector_round_trips_through_the_model():
@@ -254,6 +282,35 @@ def test_walk_reduces_the_distance_and_ends_sparse(method):
     assert np.array_equal(w, result.w)
     assert target.distance(w) == 0
     assert result.steps == 4 and result.passes == pytest.approx(12 / 20)
+
+
+def test_anchored_walk_keeps_the_starting_outputs_closer():
+    x = inputs(20)
+    layout = layout_of(Tiny())
+    start = Tiny()
+    with chainer.no_backprop_mode():
+        z0 = start(x).array
+    drifts = {}
+    for anchor in (0.0, 1.0):
+        model = Tiny()
+        settings = WalkSettings(**{**SETTINGS.__dict__, 'max_steps': 12,
+                                   'batch': 10, 'beta': 0.1,
+                                   'anchor': anchor, 'project_at_end': False})
+        result = walk(model, layout, MagnitudeTarget(layout, 0.5), x,
+                      settings)
+        assert result.steps == 12
+        assert ('drift' in result.history[-1]) == (anchor > 0)
+        with chainer.no_backprop_mode():
+            drifts[anchor] = float(np.mean((model(x).array - z0) ** 2))
+    assert drifts[1.0] < 0.5 * drifts[0.0]
+
+
+@pytest.mark.parametrize('change,message', [
+    ({'anchor': -1.0}, 'anchor must be >= 0'),
+    ({'anchor': 1.0, 'method': 'fip'}, 'geodesic method only')])
+def test_walk_settings_refuse_a_bad_anchor(change, message):
+    with pytest.raises(GradnetError, match=message):
+        WalkSettings(**{**SETTINGS.__dict__, **change}).check()
 
 
 def test_walk_resumes_from_its_checkpoint(tmp_path):

@@ -92,6 +92,16 @@ def test_sparsify_path_writes_a_sparse_loadable_network(
     assert record['summary']['accuracy'] == summary['accuracy']
 
 
+@pytest.mark.parametrize('anchor', [0, 1])
+def test_sparsify_path_anchor_reaches_the_geodesic_walk(snapshots, tmp_path,
+                                                         anchor):
+    out = tmp_path / 'run'
+    sparsified(snapshots['mlp1'], out, 'geodesic', '--max-steps', 2,
+               '--anchor', anchor)
+    steps = json.loads((out / 'history.json').read_text())['history'][1:3]
+    assert [('drift' in e) for e in steps] == [bool(anchor)] * 2
+
+
 def test_sparsify_path_structured_removes_filters(snapshots, tmp_path):
     out = tmp_path / 'run'
     result = run('sparsify-path', '--model', snapshots['cnn'], '--arch',

@@ -12,7 +12,8 @@ direction ``v`` of the target (:mod:`.targets`), repeated by :mod:`.walk`;
 """
 from gradnet_cupy.geodesic.baselines import (finetune, interpolate, one_shot,
                                              prune_finetune)
-from gradnet_cupy.geodesic.step import (BlockSolver, Step, exact_step,
+from gradnet_cupy.geodesic.step import (BlockSolver, Step,
+                                        anchored_direction, exact_step,
                                         make_solver, solve_mu)
 from gradnet_cupy.geodesic.targets import (MagnitudeTarget, StructuredTarget,
                                            Target, WeightsTarget,
@@ -24,7 +25,7 @@ from gradnet_cupy.geodesic.weights import (get_weights, layout_of,
 
 __all__ = ['BlockSolver', 'MagnitudeTarget', 'Step', 'StructuredTarget',
            'Target', 'WalkResult', 'WalkSettings', 'WeightsTarget',
-           'check_sparsity', 'exact_step', 'finetune', 'get_weights',
-           'interpolate', 'layout_of', 'make_solver', 'one_shot',
-           'prune_finetune', 'same_architecture', 'set_weights', 'solve_mu',
-           'sparsity', 'walk']
+           'anchored_direction', 'check_sparsity', 'exact_step', 'finetune',
+           'get_weights', 'interpolate', 'layout_of', 'make_solver',
+           'one_shot', 'prune_finetune', 'same_architecture', 'set_weights',
+           'solve_mu', 'sparsity', 'walk']

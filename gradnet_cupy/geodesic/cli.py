@@ -70,6 +70,10 @@ walk_options = option_group(
                  help='fip: distance between output distributions.'),
     click.option('--pull', type=float, default=1.0, show_default=True,
                  help='fip: weight of the distance to the target.'),
+    click.option('--anchor', type=float, default=0.0, show_default=True,
+                 help="geodesic: weight of the outputs' drift from the "
+                      "starting network in the step QP (0: 003's step, 1: "
+                      'its Gauss-Newton model).'),
     click.option('--eval-every', type=int, default=10, show_default=True,
                  help='Evaluate on the test split every N steps.'),
     click.option('--checkpoint-every', type=int, default=10,
@@ -96,6 +100,7 @@ def _walk_settings(method, seed, options, **overrides):
         threshold=options['threshold'], max_steps=options['max_steps'],
         batch=options['batch'], divergence=options['divergence'],
         pull=options['pull'], eval_every=options['eval_every'],
+        anchor=options['anchor'] if method == 'geodesic' else 0.0,
         checkpoint_every=options['checkpoint_every'], seed=seed,
         **overrides).check()
 

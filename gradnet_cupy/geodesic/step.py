@@ -50,6 +50,19 @@ Solvers (both return a :class:`Step`):
     (batched ``eigh`` over equal sizes) and all blocks share one ``mu``, the
     same secular equation over the union of their eigenpairs.
 
+The anchored step (a choice beyond 003, ``anchor > 0`` in :mod:`.walk`).
+003's objective measures how far each step moves the batch's outputs from
+where they *are*; summed over a walk these moves drift. Measuring them from
+where they *started* instead, with ``r = f_w(x) - f_w0(x)`` (the logit
+drift of the batch, rows ordered as ``J``'s), the Gauss-Newton model of
+``||f_{w+theta}(x) - f_w0(x)||^2`` gives the QP
+
+    argmin  ||J theta + r||^2 - beta theta^T v   s.t.  theta^T theta <= eps,
+
+whose KKT conditions ``2 (g + mu I) theta = beta v - 2 J^T r`` are those of
+the plain QP with ``v`` replaced by ``v - (2 / beta) J^T r``
+(:func:`anchored_direction`): both solvers serve it unchanged.
+
 Dtypes: ``J`` and ``v`` float32 or float64, NumPy or CuPy (one module);
 Gram matrices, eigendecompositions and the returned ``theta`` are float64.
 """
@@ -204,6 +217,26 @@ def exact_step(J, v, beta=DEFAULT_BETA, eps=DEFAULT_EPS):
     return _finish(theta, mu, J, v)
 
 
+def anchored_direction(J, v, drift, beta, anchor=1.0):
+    """``v - anchor * (2 / beta) * J^T drift`` (float64 (n,)): the linear
+    term that turns the plain QP into the anchored one (module docstring).
+
+    ``J``: (m, n) float32/float64; ``v``: (n,); ``drift``: (m,) the logit
+    drift ``f_w(x) - f_w0(x)`` of the batch, scaled and ordered as ``J``'s
+    rows; ``anchor``: weight of the drift term (1: the Gauss-Newton model,
+    0: 003's plain step). Raises :class:`GradnetError` for a drift of
+    another length or with non-finite entries.
+    """
+    xp = get_array_module(J, v, drift)
+    if drift.shape != (J.shape[0],):
+        raise GradnetError(f'the drift must have one entry per row of J '
+                           f'({J.shape[0]}), got shape {drift.shape}')
+    if not bool(xp.isfinite(drift).all()):
+        raise GradnetError('the output drift has non-finite entries')
+    pull = (J.T @ drift.astype(J.dtype)).astype(np.float64)
+    return v.astype(np.float64) - (anchor * 2.0 / beta) * pull
+
+
 def _finish(theta, mu, J, v, quad=None):
     if quad is None:
         Jt = (J @ theta.astype(J.dtype)).astype(np.float64)
@@ -235,8 +268,11 @@ class BlockSolver:
     float64 entries and is refused by the metric's memory check);
     ``accumulate``: ``'kernel'`` (float32 CSR rows through
     ``block_outer_accumulate``: the CUDA kernel on the GPU), ``'dense'``
-    (a float64 product per block group), ``'auto'`` (kernel for float32
-    ``J``, dense for float64). ``device``: 'cpu' or 'gpu'.
+    (a float64 batched product per group of equal-size blocks), ``'auto'``
+    (the kernel for CuPy ``J``, its rows cast to float32; dense for NumPy
+    ``J``: on the CPU the kernel is its NumPy reference, slower than the
+    BLAS product, ``bench/bench_geodesic.py``'s ``gram_seconds``).
+    ``device``: 'cpu' or 'gpu'.
     """
 
     def __init__(self, layout, partition='per_unit', max_block=256,
@@ -261,14 +297,15 @@ class BlockSolver:
         """The packed float64 blocks ``G_b = J_b^T J_b`` (``blocks.packed_size``,)."""
         method = self.accumulate
         if method == 'auto':
-            method = 'kernel' if J.dtype == np.float32 else 'dense'
+            method = 'kernel' if get_array_module(J) is not np else 'dense'
         if method == 'kernel':
             return self._metric().accumulate(dense_csr(J)).G
         xp = get_array_module(J)
         packed = xp.zeros(self.blocks.packed_size, dtype=np.float64)
         for ids, size in self._groups():
             X = J[:, self._columns(xp, ids, size)].astype(np.float64)
-            G = xp.einsum('mks,mkt->kst', X, X)          # (k, s, s)
+            X = xp.ascontiguousarray(X.transpose(1, 0, 2))   # (k, m, s)
+            G = xp.matmul(X.transpose(0, 2, 1), X)           # (k, s, s)
             packed[self._packed_index(xp, ids, size)] = G.reshape(len(ids), -1)
         return packed
 

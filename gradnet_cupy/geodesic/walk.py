@@ -10,13 +10,17 @@ the task whose function is kept, drawn without replacement by
 batches):
 
 ``geodesic`` (003, eq. 7)
-    ``J`` = the logit Jacobian of ``x_k`` (B*C rows), scaled by
+    ``J`` = the logit Jacobian of ``x_k`` (B*C rows, float64), scaled by
     ``1/sqrt(B)`` so that ``g = J^T J`` is the *mean* per-sample output
     metric (a choice: it makes ``beta`` independent of the batch size);
     ``theta`` = the solver's step (:func:`.step.exact_step` or the block
     solver) toward ``v = direction(w)`` with radius
     ``eps_k = min(eps, distance^2)`` (a choice: the last steps do not
-    overshoot the set).
+    overshoot the set). With ``anchor > 0`` (a choice beyond 003) the step
+    is the anchored one of :mod:`.step`: the outputs are kept near those of
+    the network the walk started from (drift ``r = (z - z0) / sqrt(B)`` of
+    the batch's logits), not only near the current ones; ``anchor = 0`` is
+    003's step.
 ``fip`` (functionally invariant path, Raghavan & Thomson)
     ``D(w)`` = the mean over ``x_k`` of ``KL(softmax(z0) || softmax(z))``
     (``divergence='kl'``) or of ``||z - z0||^2`` (``'l2'``) between the
@@ -31,7 +35,9 @@ Stopping rule: the walk stops when ``distance(w) <= threshold`` (003:
 
 History: one dict per step (``step``, ``distance`` after the step,
 ``samples`` and ``passes`` = samples / len(inputs), ``mu``, ``quad`` =
-``theta^T g theta`` on the batch (geodesic), ``step_norm``, ``seconds``),
+``theta^T g theta`` on the batch (geodesic), ``drift`` = ``r^T r``, the
+batch's mean squared logit drift before the step (anchored geodesic),
+``step_norm``, ``seconds``),
 plus the evaluator's numbers every ``eval_every`` steps, at step 0 and at
 the end. The best evaluated point by ``score(metrics)`` is kept.
 
@@ -56,7 +62,8 @@ from gradnet_cupy.backend import get_array_module, to_numpy
 from gradnet_cupy.chainer_compat import chainer, F
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.geodesic.step import (BLOCK_PARTITIONS, DEFAULT_BETA,
-                                        DEFAULT_EPS, SOLVERS, make_solver)
+                                        DEFAULT_EPS, SOLVERS,
+                                        anchored_direction, make_solver)
 from gradnet_cupy.geodesic.weights import (get_gradients, get_weights,
                                            host_float64, set_weights)
 from gradnet_cupy.tangent import logit_jacobian
@@ -85,6 +92,7 @@ class WalkSettings:
     batch: int = 16
     divergence: str = 'kl'
     pull: float = 1.0
+    anchor: float = 0.0
     eval_every: int = 10
     checkpoint_every: int = 10
     seed: int = 0
@@ -109,6 +117,10 @@ class WalkSettings:
                                   f'{self.max_steps}'),
             (self.batch >= 1, f'batch must be >= 1, got {self.batch}'),
             (self.pull > 0, f'pull must be > 0, got {self.pull}'),
+            (self.anchor >= 0, f'anchor must be >= 0, got {self.anchor}'),
+            (self.anchor == 0 or self.method == 'geodesic',
+             'anchor applies to the geodesic method only (fip is anchored '
+             'by its divergence)'),
             (self.eval_every >= 0, 'eval_every must be >= 0'),
             (self.checkpoint_every >= 1, 'checkpoint_every must be >= 1'),
         ]
@@ -177,7 +189,8 @@ class _Walker:
         self.solver = (make_solver(settings.solver, layout, settings.partition,
                                    settings.max_block, device=self.device)
                        if settings.method == 'geodesic' else None)
-        self.reference = (copy.deepcopy(model) if settings.method == 'fip'
+        self.reference = (copy.deepcopy(model)
+                          if settings.method == 'fip' or settings.anchor
                           else None)
         self.timing = {'jacobian': 0.0, 'solve': 0.0, 'update': 0.0}
 
@@ -198,7 +211,12 @@ class _Walker:
         if s.method == 'geodesic':
             with chainer.using_config('train', False):
                 J = logit_jacobian(self.model, x, layout=self.layout)
-            J = J.reshape(-1, J.shape[-1]) / np.sqrt(len(x))
+            J = (J.reshape(-1, J.shape[-1]).astype(np.float64)
+                 / np.sqrt(len(x)))
+            if s.anchor:
+                drift = self._drift(x)
+                v = anchored_direction(J, v, drift, s.beta, s.anchor)
+                record['drift'] = float(drift @ drift)
             start = self._clock('jacobian', start)
             solved = self.solver(J, v, s.beta, eps_k)
             theta = solved.theta
@@ -212,6 +230,15 @@ class _Walker:
         self._clock('update', start)
         record['step_norm'] = float(self.xp.linalg.norm(theta))
         return w, record, len(x)
+
+    def _drift(self, x):
+        """``(z - z0).ravel() / sqrt(B)``: the batch's logit drift from the
+        starting network, in the row order of the scaled Jacobian."""
+        with chainer.using_config('train', False), \
+                chainer.no_backprop_mode():
+            z = self.model(x).array
+            z0 = self.reference(x).array
+        return (z - z0).ravel() / np.sqrt(len(x))
 
     def _fip_theta(self, x, v, eps_k):
         s = self.settings
