@@ -307,7 +307,8 @@ def test_anchored_walk_keeps_the_starting_outputs_closer():
 
 @pytest.mark.parametrize('change,message', [
     ({'anchor': -1.0}, 'anchor must be >= 0'),
-    ({'anchor': 1.0, 'method': 'fip'}, 'geodesic method only')])
+    ({'anchor': 1.0, 'method': 'fip'}, 'geodesic method only'),
+    ({'anchor': 1.0, 'solver': 'block'}, 'needs the exact solver')])
 def test_walk_settings_refuse_a_bad_anchor(change, message):
     with pytest.raises(GradnetError, match=message):
         WalkSettings(**{**SETTINGS.__dict__, **change}).check()

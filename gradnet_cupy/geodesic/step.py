@@ -61,7 +61,10 @@ drift of the batch, rows ordered as ``J``'s), the Gauss-Newton model of
 
 whose KKT conditions ``2 (g + mu I) theta = beta v - 2 J^T r`` are those of
 the plain QP with ``v`` replaced by ``v - (2 / beta) J^T r``
-(:func:`anchored_direction`): both solvers serve it unchanged.
+(:func:`anchored_direction`), so the exact solver serves it unchanged.
+With the block solver's metric in place of ``J^T J`` the term ``J^T r``
+no longer models the drift (measured: the drift grows and the walk
+stalls), so :class:`.walk.WalkSettings` refuses that combination.
 
 Dtypes: ``J`` and ``v`` float32 or float64, NumPy or CuPy (one module);
 Gram matrices, eigendecompositions and the returned ``theta`` are float64.

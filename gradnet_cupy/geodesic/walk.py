@@ -20,7 +20,8 @@ batches):
     is the anchored one of :mod:`.step`: the outputs are kept near those of
     the network the walk started from (drift ``r = (z - z0) / sqrt(B)`` of
     the batch's logits), not only near the current ones; ``anchor = 0`` is
-    003's step.
+    003's step; it needs the exact solver (measured: with the block
+    metric the walk stalls).
 ``fip`` (functionally invariant path, Raghavan & Thomson)
     ``D(w)`` = the mean over ``x_k`` of ``KL(softmax(z0) || softmax(z))``
     (``divergence='kl'``) or of ``||z - z0||^2`` (``'l2'``) between the
@@ -121,6 +122,10 @@ class WalkSettings:
             (self.anchor == 0 or self.method == 'geodesic',
              'anchor applies to the geodesic method only (fip is anchored '
              'by its divergence)'),
+            (self.anchor == 0 or self.solver == 'exact',
+             'anchor needs the exact solver: with the block-diagonal metric '
+             'the drift correction does not shrink the drift and the walk '
+             'stalls (docs/geodesic.rst)'),
             (self.eval_every >= 0, 'eval_every must be >= 0'),
             (self.checkpoint_every >= 1, 'checkpoint_every must be >= 1'),
         ]
