@@ -11,9 +11,9 @@ from gradnet_cupy.chainer_compat import chainer, F, L
 from gradnet_cupy.errors import GradnetError
 from gradnet_cupy.geodesic import (
     BlockSolver, MagnitudeTarget, StructuredTarget, WalkSettings,
-    WeightsTarget, anchored_direction, exact_step, get_weights, interpolate, layout_of,
-    one_shot, prune_finetune, same_architecture, set_weights, solve_mu,
-    walk)
+    WeightsTarget, anchored_direction, exact_step, get_weights, interpolate,
+    layout_of, one_shot, prune_finetune, same_architecture, set_weights,
+    solve_mu, walk)
 from gradnet_cupy.tangent import logit_jacobian
 
 EPS = 0.01
@@ -171,7 +171,7 @@ def test_anchored_step_equals_dense_solve_of_the_anchored_qp(beta):
     v = unit(rng.normal(size=J.shape[1]))
     drift = rng.normal(size=J.shape[0]) * 0.1
     step = exact_step(J, anchored_direction(J, v, drift, beta), beta, EPS)
-    n = J.shape[1]                       # KKT: (g + mu I) theta = b v/2 - J^T r
+    n = J.shape[1]                   # KKT: (g + mu I) theta = b v/2 - J^T r
     oracle = np.linalg.solve(J.T @ J + step.mu * np.eye(n),
                              beta / 2 * v - J.T @ drift)
     assert rel(step.theta, oracle) <= 1e-10
