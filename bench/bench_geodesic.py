@@ -41,6 +41,7 @@ from gradnet_cupy.data import load_dataset
 from gradnet_cupy.geodesic import (BlockSolver, MagnitudeTarget,
                                    WalkSettings, exact_step, get_weights,
                                    layout_of, walk)
+from gradnet_cupy.geodesic.walk import metric_rows
 from gradnet_cupy.models import build_model
 from gradnet_cupy.tangent import logit_jacobian
 
@@ -82,7 +83,7 @@ def block_vs_exact(arch, inputs, args, device):
     x = xp.asarray(inputs[:args.batch])
     with chainer.using_config('train', False):
         J = logit_jacobian(model, x, layout=layout)
-    J = J.reshape(-1, J.shape[-1]) / np.sqrt(args.batch)
+    J = metric_rows(J)
     v, _ = MagnitudeTarget(layout, 0.7).direction(get_weights(model, layout))
     exact = exact_step(J, v)
     block_solver = BlockSolver(layout, 'per_unit', args.max_block)

@@ -173,6 +173,13 @@ def batch_inputs(inputs, batch, seed, step, xp):
     return xp.asarray(inputs[np.sort(index)])
 
 
+def metric_rows(J):
+    """The rows of the walk's metric: a logit Jacobian (B, C, n) as float64
+    (B*C, n) scaled by ``1/sqrt(B)``, so that ``J^T J`` is the mean
+    per-sample output metric (module docstring)."""
+    return J.reshape(-1, J.shape[-1]).astype(np.float64) / np.sqrt(len(J))
+
+
 def divergence(z, z0, kind):
     """Mean over the batch of KL(softmax(z0) || softmax(z)) (``'kl'``) or
     of ||z - z0||^2 (``'l2'``); ``z`` a Chainer variable (B, C), ``z0`` an
@@ -216,8 +223,7 @@ class _Walker:
         if s.method == 'geodesic':
             with chainer.using_config('train', False):
                 J = logit_jacobian(self.model, x, layout=self.layout)
-            J = (J.reshape(-1, J.shape[-1]).astype(np.float64)
-                 / np.sqrt(len(x)))
+            J = metric_rows(J)
             if s.anchor:
                 drift = self._drift(x)
                 v = anchored_direction(J, v, drift, s.beta, s.anchor)
